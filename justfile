@@ -1,0 +1,23 @@
+# lora-lite recipes. `just --list` shows them.
+export HF_HUB_OFFLINE := "1"
+export TRANSFORMERS_OFFLINE := "1"
+
+# the whole test suite (a few minutes on 2 CPU cores)
+test *ARGS:
+    python -m pytest {{ARGS}}
+
+# train, save and reload every variant on a small real transformers model (seconds each)
+smoke *ARGS:
+    python scripts/smoke.py {{ARGS}}
+
+# every variant on a real Qwen3 architecture: targets, identity, loss drop, reload error
+qwen-probe *ARGS:
+    python scripts/qwen_probe.py {{ARGS}}
+
+# every variant on bitsandbytes 4-bit (nf4, fp4) and 8-bit bases, on the CPU
+bnb-smoke *ARGS:
+    python scripts/bnb_smoke.py {{ARGS}}
+
+# speed and memory against the frozen base and the reference implementations
+bench *ARGS:
+    python scripts/bench.py {{ARGS}}

@@ -1,0 +1,102 @@
+"""Adapter configuration: one dataclass per variant, all sharing `AdapterConfig`.
+
+Configs travel inside saved adapter files as JSON, so `from_dict` accepts only
+known fields of registered variants and maps dtype names through a fixed table:
+nothing read from a file is ever evaluated, imported or looked up with getattr.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+ROLES = ("reader", "writer", "inner")
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+CONFIGS: dict[str, type["AdapterConfig"]] = {}  # variant name -> config class, filled by @register
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every variant shares. `variant` is set on each subclass by `@register`."""
+
+    variant: ClassVar[str] = ""
+
+    r: int = 8
+    alpha: float = 16.0
+    dtype: torch.dtype = torch.float32
+    dropout: float = 0.0
+    target_roles: tuple[str, ...] = ("reader", "writer")  # () means every role
+    target_names: tuple[str, ...] = ()  # regexes searched in the full module name; any must match
+    exclude_names: tuple[str, ...] = ("lm_head", "embed_tokens")
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.dtype, str):
+            self.dtype = _dtype(self.dtype)
+        if self.dtype not in DTYPES.values():
+            raise TypeError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive int, got {self.r!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("target_roles", "target_names", "exclude_names"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # a bare string would iterate as characters
+                value = (value,)
+            setattr(self, name, tuple(value))
+        bad = [r for r in self.target_roles if r not in ROLES]
+        if bad:
+            raise ValueError(f"target_roles {bad} unknown; choose from {ROLES}")
+        if self.layers is not None:
+            if isinstance(self.layers, int):
+                self.layers = (self.layers,)
+            self.layers = tuple(self.layers)
+            if any(isinstance(i, bool) or not isinstance(i, int) for i in self.layers):
+                raise TypeError(f"layers must be ints, got {self.layers!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"variant": self.variant}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.dtype):
+                value = str(value).removeprefix("torch.")
+            elif isinstance(value, tuple):
+                value = list(value)
+            d[f.name] = value
+        return d
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise TypeError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def from_dict(d: dict[str, Any]) -> AdapterConfig:
+    """Rebuild a config from `to_dict` output (e.g. JSON metadata of a saved file)."""
+    if not isinstance(d, dict):
+        raise TypeError(f"config must be a dict, got {type(d).__name__}")
+    d = dict(d)
+    name = d.pop("variant", None)
+    if name not in CONFIGS:
+        raise ValueError(f"unknown variant {name!r}; registered: {sorted(CONFIGS)}")
+    cls = CONFIGS[name]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown} for variant {name!r}; known: {sorted(known)}")
+    if "dtype" in d and not isinstance(d["dtype"], str):
+        raise TypeError(f"dtype must be a string name, got {d['dtype']!r}")
+    for key in ("target_roles", "target_names", "exclude_names", "layers"):
+        if isinstance(d.get(key), list):
+            d[key] = tuple(d[key])
+    return cls(**d)

@@ -1,0 +1,66 @@
+"""Small models and configs shared by the tests (no download, a few thousand parameters)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import lora_lite as ll
+
+# Per-variant settings that make the contract meaningful on tiny models: SingLoRA's ramp must
+# finish within a short training probe; GraLoRA's k must divide every width used here.
+OVERRIDES = {"singlora": {"ramp_up_steps": 10}, "gralora": {"k": 2}}
+
+
+def cfg_for(name: str, **kw) -> ll.AdapterConfig:
+    """The registered variant's config with test-friendly defaults (r=4, alpha=8), overridable."""
+    cls = ll.REGISTRY[name].config
+    fields = cls.__dataclass_fields__
+    args = {"r": 4, "alpha": 8.0, **{k: v for k, v in OVERRIDES.get(name, {}).items() if k in fields}, **kw}
+    return cls(**args)
+
+
+class Block(nn.Module):
+    """Llama-shaped: q/k/v/o square, gate/up readers, down writer."""
+
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+        self.gate_proj, self.up_proj = nn.Linear(d, f), nn.Linear(d, f)
+        self.down_proj = nn.Linear(f, d)
+
+    def forward(self, x):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        x = x + self.o_proj(att @ v)
+        return x + self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TinyLM(nn.Module):
+    """Token ids (batch, seq) -> logits (batch, seq, vocab). No `config` attribute: roles are inferred."""
+
+    def __init__(self, vocab: int = 48, d: int = 32, f: int = 64, n_layers: int = 2, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(Block(d, f) for _ in range(n_layers))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed_tokens(ids)
+        for block in self.layers:
+            x = block(x)
+        return self.lm_head(x)
+
+
+def tokens(batch: int = 4, seq: int = 12, vocab: int = 48, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(ids)
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1].startswith("lora_")}
