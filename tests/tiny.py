@@ -7,8 +7,11 @@ from torch import nn
 import lora_lite as ll
 
 # Per-variant settings that make the contract meaningful on tiny models: SingLoRA's ramp must
-# finish within a short training probe; GraLoRA's k must divide every width used here.
-OVERRIDES = {"singlora": {"ramp_up_steps": 10}, "gralora": {"k": 2}}
+# finish within a short training probe, and its s·A Aᵀ (entries of A up to 1/sqrt(r)) at s = 2
+# swamps a 32-wide base, so it gets s = 1/4; GraLoRA's k must divide every width used here.
+# DeLoRA's lambda0 = 15 is sized for widths in the thousands (‖ΔW‖/‖W‖ ≈ λ/√(r·d_in) after one step):
+# at d = 32 it is 1.4 and outputs reach 16, past what fp32 merge-vs-hook (PEFT's too) holds to 1e-5.
+OVERRIDES = {"singlora": {"ramp_up_steps": 10, "alpha": 1.0}, "gralora": {"k": 2}, "delora": {"lambda0": 2.0}}
 
 
 def cfg_for(name: str, **kw) -> ll.AdapterConfig:
