@@ -10,8 +10,13 @@ from .adapter import (Handle, adapted_layers, attach, attached, detach, load, me
 from .config import AdapterConfig, from_dict  # noqa: E402
 from .variant import REGISTRY, ParamSpec, register  # noqa: E402
 from .variants.lora import LoRAConfig  # noqa: E402
+from .variants.delora import DeLoRAConfig  # noqa: E402
+from .variants.pissa import PiSSAConfig  # noqa: E402
+from .variants.gralora import GraLoRAConfig  # noqa: E402
+from .variants.singlora import SingLoRAConfig  # noqa: E402
 
 __all__ = [
     "AdapterConfig", "Handle", "LoRAConfig", "ParamSpec", "REGISTRY", "adapted_layers", "attach", "attached",
     "detach", "from_dict", "load", "merge", "read", "register", "save", "set_step", "summary", "track_steps",
+    "DeLoRAConfig", "PiSSAConfig", "GraLoRAConfig", "SingLoRAConfig",
 ]

@@ -8,7 +8,7 @@ the identity at t=0. The forward never forms B A: it computes the small
 h = x Aᵀ (..., r) and adds s · h Bᵀ to y in one addmm (scale and add fused).
 
 Checked against PEFT 0.21 `peft/tuners/lora/layer.py` (`Linear.forward`,
-`reset_lora_parameters`): same names, shapes, init and outputs (tests/test_parity.py).
+`reset_lora_parameters`): same names, shapes, init and outputs (tests/test_parity_lora.py).
 """
 from __future__ import annotations
 
@@ -32,9 +32,19 @@ def scale(cfg: LoRAConfig) -> float:
 
 
 def add_low_rank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
-    """y + s · h Bᵀ as one fused addmm over the flattened batch; h is (..., r), B is (d_out, r)."""
-    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
-    return out.view(y.shape)
+    """y + s · h Bᵀ as one fused matmul-add, written into y; h is (..., r), B is (d_out, r).
+
+    The runtime hands forward a y that nothing else holds (adapter._hook), so the sum goes into y in
+    place: no new (..., d_out) tensor, which on CPU costs more than the low-rank product itself.
+    Autocast does not cast in-place ops, and compilers fuse on their own: those take the out-of-place addmm.
+    """
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(y.device.type) or y.dim() not in (2, 3):
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
+        return out.view(y.shape)
+    h = h.reshape(*y.shape[:-1], h.shape[-1])
+    if y.dim() == 2:
+        return y.addmm_(h, B.t(), alpha=s)
+    return y.baddbmm_(h, B.t().expand(y.shape[0], -1, -1), alpha=s)  # no view of y: autograd stays cheap
 
 
 @register
