@@ -18,6 +18,10 @@ qwen-probe *ARGS:
 bnb-smoke *ARGS:
     python scripts/bnb_smoke.py {{ARGS}}
 
+# rerun the `matrix` tests and rewrite the README's support matrix from their results (--check: fail if stale)
+support-matrix *ARGS:
+    python scripts/support_matrix.py {{ARGS}}
+
 # speed and memory against the frozen base and the reference implementations
 bench *ARGS:
     python scripts/bench.py {{ARGS}}
