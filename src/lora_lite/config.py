@@ -7,6 +7,8 @@ nothing read from a file is ever evaluated, imported or looked up with getattr.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -46,13 +48,26 @@ class AdapterConfig:
             raise TypeError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive int, got {self.r!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
+        for name in ("alpha", "dropout"):  # a string here (e.g. from a hand-edited file) would fail much later
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                raise TypeError(f"{name} must be a number, got {getattr(self, name)!r}")
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be finite, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("target_roles", "target_names", "exclude_names"):
             value = getattr(self, name)
             if isinstance(value, str):  # a bare string would iterate as characters
                 value = (value,)
+            if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+                raise TypeError(f"{name} must be a tuple of strings, got {value!r}")
             setattr(self, name, tuple(value))
+        for name in ("target_names", "exclude_names"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {e}") from None
         bad = [r for r in self.target_roles if r not in ROLES]
         if bad:
             raise ValueError(f"target_roles {bad} unknown; choose from {ROLES}")
