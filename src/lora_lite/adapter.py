@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import os
 import re
 import tempfile
@@ -20,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 
 from . import __version__
 from .config import AdapterConfig, from_dict
@@ -34,7 +36,43 @@ SCRATCH = ("lora_config", "lora_variant")
 def _hook(layer: nn.Module, args: tuple, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
     x = args[0] if args else kwargs["input"]
     dtype = layer.lora_config.dtype
-    return layer.lora_variant.forward(layer, x.to(dtype), y.to(dtype)).to(y.dtype)
+    # Variants add into y in place (lora.add_low_rank). y is fresh from the layer unless a hook ran
+    # before ours and may hold it (a tracer, FSDP), or it is a view (Conv1D, bitsandbytes' autograd
+    # Function, where autograd forbids or slows in-place writes): then they get a copy. Compiled
+    # graphs add out of place (add_low_rank) and the compiler fuses.
+    shared = not torch.compiler.is_compiling() and (
+        y._is_view() or bool(_global_forward_hooks) or next(iter(layer._forward_hooks.values())) is not _hook)
+    return layer.lora_variant.forward(layer, x.to(dtype), y.to(dtype, copy=shared)).to(y.dtype)
+
+
+def _inputs_require_grad(embedding: nn.Module, args: tuple, out: torch.Tensor) -> None:
+    """Forward hook on the input embedding of a model that has `get_input_embeddings` (transformers).
+
+    Reentrant gradient checkpointing (`use_reentrant=True`) records a block only when one of its
+    inputs requires grad; with the whole base frozen none does, so the adapters inside it would
+    silently get no gradient. Marking the embedding output makes that work whether checkpointing is
+    enabled before or after attach. It is what transformers' `enable_input_require_grads` does, but
+    this hook is found by identity on detach (no handle to keep), so detach stays exact and
+    `copy.deepcopy` works. Skipped while dynamo traces: it would be a graph break.
+    """
+    if (torch.is_grad_enabled() and isinstance(out, torch.Tensor) and not out.requires_grad
+            and not torch.compiler.is_compiling()):
+        out.requires_grad_(True)
+
+
+def _input_embeddings(root: nn.Module) -> nn.Module | None:
+    get = getattr(root, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except NotImplementedError:
+        return None
+    return embedding if isinstance(embedding, nn.Module) else None
+
+
+def _remove_hooks(module: nn.Module, fn) -> None:
+    for key in [k for k, f in module._forward_hooks.items() if f is fn]:
+        for hooks in (module._forward_hooks, module._forward_hooks_with_kwargs, module._forward_hooks_always_called):
+            hooks.pop(key, None)
 
 
 @dataclass
@@ -84,6 +122,38 @@ def _check_free(root: nn.Module) -> None:
         raise ValueError("an adapter is already attached to this model: call ll.detach(model) first")
 
 
+def _check_order(model: nn.Module) -> None:
+    """Refuse a model already wrapped by DDP, sharded by fully_shard or compiled.
+
+    Each captures the model as it was: DDP builds its gradient all-reduce for the parameters it
+    saw, FSDP2 shards only those, and dynamo does not guard on module hooks
+    (`torch._dynamo.config.skip_nnmodule_hook_guards`). An adapter added afterwards would train
+    without sync (ranks silently diverge) or not be guaranteed to run, so the order is enforced.
+    """
+    then = "attach (or load) the adapter first, then wrap: ll.attach(model, cfg); model = {}(model)"
+    m = model
+    while True:
+        if isinstance(m, nn.parallel.DistributedDataParallel):
+            raise ValueError("the model is already wrapped in DistributedDataParallel, whose gradient all-reduce "
+                             "covers only the parameters it saw, so adapter gradients would never be synced "
+                             "and ranks would silently diverge: " + then.format("DDP"))
+        if hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None:
+            raise ValueError("the model is already torch.compile'd; dynamo does not guard on forward hooks, so "
+                             "an adapter added now is not guaranteed to run: " + then.format("torch.compile"))
+        if type(m).__name__ == "DataParallel":
+            m = m.module
+        else:
+            break
+    for name, sub in m.named_modules():
+        if hasattr(sub, "_orig_mod") or getattr(sub, "_compiled_call_impl", None) is not None:
+            raise ValueError(f"module {name or '(root)'} is already torch.compile'd; dynamo does not guard on "
+                             f"forward hooks: " + then.format("torch.compile"))
+        if any(c.__name__ == "FSDPModule" for c in type(sub).__mro__) or any(
+                type(p).__name__ == "DTensor" for p in sub.parameters(recurse=False)):
+            raise ValueError(f"module {name or '(root)'} is already sharded by fully_shard (FSDP2), which shards "
+                             f"only the parameters it saw: " + then.format("fully_shard"))
+
+
 def _attach(root: nn.Module, cfg: AdapterConfig, targets: list[Target], init: bool) -> None:
     """Add tensors and hooks to `targets` (all specs validated first). On error the model is restored."""
     variant = _variant(cfg)
@@ -109,6 +179,9 @@ def _attach(root: nn.Module, cfg: AdapterConfig, targets: list[Target], init: bo
                 with torch.no_grad():
                     variant.init(layer, cfg)
             layer.register_forward_hook(_hook, with_kwargs=True)
+        embedding = _input_embeddings(root)
+        if embedding is not None:
+            embedding.register_forward_hook(_inputs_require_grad)
     except BaseException:
         detach(root)
         raise
@@ -120,6 +193,7 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None) -> Handl
     `calibration_data` (an iterable of batches: dicts of tensors, tuples or tensors) is passed
     to the variant's `group_init`, for data-calibrated initialisation.
     """
+    _check_order(model)
     root = unwrap(model)
     variant = _variant(cfg)
     _check_free(root)
@@ -147,10 +221,10 @@ def attached(model: nn.Module, cfg: AdapterConfig, calibration_data=None):
 def detach(model: nn.Module) -> None:
     """Remove every adapter tensor, hook and attribute; restore requires_grad. No-op when nothing is attached."""
     root = unwrap(model)
+    for module in root.modules():
+        _remove_hooks(module, _inputs_require_grad)
     for _, layer in adapted_layers(root):
-        for key in [k for k, fn in layer._forward_hooks.items() if fn is _hook]:
-            for hooks in (layer._forward_hooks, layer._forward_hooks_with_kwargs, layer._forward_hooks_always_called):
-                hooks.pop(key, None)
+        _remove_hooks(layer, _hook)
         for store in (layer._parameters, layer._buffers):
             for key in [k for k in store if k.startswith("lora_")]:
                 del store[key]
@@ -183,13 +257,20 @@ def canonical_key(key: str) -> str:
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write every adapter tensor (full-path keys) and the config to one safetensors file, atomically."""
+    """Write every adapter tensor (full-path keys) and the config to one safetensors file, atomically.
+
+    Under FSDP2 (`fully_shard`: the tensors are DTensor shards) call it on every rank: it gathers
+    the shards, a collective, and rank 0 writes the file.
+    """
     layers = adapted_layers(model)
     if not layers:
         raise ValueError("nothing to save: no adapter is attached to this model")
     cfg = layers[0][1].lora_config
-    tensors = {_key(name, k): v.detach().cpu().contiguous()
+    sharded = any(hasattr(v, "full_tensor") for _, layer in layers for v in _tensors(layer).values())
+    tensors = {_key(name, k): (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
                for name, layer in layers for k, v in _tensors(layer).items()}
+    if sharded and torch.distributed.get_rank() != 0:
+        return
     metadata = {"format": "lora-lite", "version": __version__,
                 "config": json.dumps(cfg.to_dict()), "targets": json.dumps([n for n, _ in layers])}
     path = os.fspath(path)
@@ -225,7 +306,17 @@ def read(path: str | os.PathLike) -> tuple[AdapterConfig, list[str], dict[str, t
         raise ValueError(f"{path}: malformed metadata JSON: {e}") from None
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"{path}: metadata 'targets' must be a list of module names")
-    return from_dict(cfg_dict), [canonical_key(t + ".")[:-1] for t in targets], tensors
+    names = [canonical_key(t + ".")[:-1] for t in targets]
+    if not names:
+        raise ValueError(f"{path}: metadata 'targets' is empty: no target module to attach to")
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:  # attaching twice to one layer would fail half-way with a confusing message
+        raise ValueError(f"{path}: metadata 'targets' lists modules more than once: {dups}")
+    try:
+        cfg = from_dict(cfg_dict)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{path}: {e}") from None
+    return cfg, names, tensors
 
 
 def _listing(keys, limit: int = 20) -> str:
@@ -239,6 +330,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> Handle:
     On any error (unreadable file, another architecture, missing / unexpected / mis-shaped keys)
     the model is left exactly as it was.
     """
+    _check_order(model)
     root = unwrap(model)
     _check_free(root)
     cfg, names, tensors = read(path)
@@ -296,9 +388,15 @@ def merge(model: nn.Module) -> None:
 
 def set_step(model: nn.Module, step: int) -> None:
     """Set the training step of every step-scheduled layer (e.g. SingLoRA's ramp); others ignore it."""
+    try:
+        step = operator.index(step)  # ints, numpy ints, integer 0-d tensors; not floats or strings
+    except TypeError:
+        raise TypeError(f"step must be an int, got {step!r}") from None
+    if step < 0:  # checked here, before any layer is touched
+        raise ValueError(f"step must be >= 0, got {step}")
     for _, layer in adapted_layers(model):
         if hasattr(layer.lora_variant, "on_step"):
-            layer.lora_variant.on_step(layer, int(step))
+            layer.lora_variant.on_step(layer, step)
 
 
 def track_steps(optimizer: torch.optim.Optimizer, model: nn.Module):
@@ -308,6 +406,8 @@ def track_steps(optimizer: torch.optim.Optimizer, model: nn.Module):
     nothing more: the step counts optimizer steps, not forwards.
     """
     root = unwrap(model)
+    for _, layer in adapted_layers(root):
+        layer.lora_steps_tracked = True  # step 0 before the first opt.step() is expected (SingLoRA's warning)
 
     def advance(opt, args, kwargs):
         for _, layer in adapted_layers(root):
