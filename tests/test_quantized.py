@@ -310,3 +310,35 @@ def test_transformers_bitsandbytes_config(variant_name, quant, qwen3_dir, tmp_pa
     assert type(proj) is (bnb.nn.Linear8bitLt if quant == "int8" else bnb.nn.Linear4bit)
     assert weights.is_quantized(proj) and weights.dense_weight(proj).shape == (32, 32)
     lifecycle(model, tiny.cfg_for(variant_name), tiny.tokens(), tmp_path / "a.safetensors")
+
+
+def test_attach_holds_the_cpu_repack_off():
+    """While an adapter is attached, an eval-mode no-grad forward must not repack a 4-bit layer (which would cut
+    the gradient path of later training); detach gives bitsandbytes its switch back."""
+    model = nn.Sequential(bnb_linear(nn.Linear(128, 64, bias=False), "nf4"))
+    switch = model[0].support_avx512bf16_for_cpu
+    ll.attach(model, ll.LoRAConfig(r=4, target_roles=()))
+    assert model[0].support_avx512bf16_for_cpu is False
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, 128))
+    assert not weights.is_cpu_repacked(model[0])
+    model.train()
+    x = torch.randn(3, 128, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None and model[0].lora_B.grad.abs().sum() > 0
+    ll.detach(model)
+    assert model[0].support_avx512bf16_for_cpu == switch
+
+
+def test_attach_warns_about_an_already_repacked_layer():
+    q = bnb_linear(nn.Linear(128, 64, bias=False), "nf4").eval()
+    with torch.no_grad():
+        q(torch.randn(2, 128))
+    model = nn.Sequential(q)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ll.attach(model, ll.LoRAConfig(r=4, target_roles=()))
+    warned = any("repacked" in str(w.message) for w in caught)
+    assert warned == weights.is_cpu_repacked(q)
+    ll.detach(model)

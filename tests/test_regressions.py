@@ -144,3 +144,17 @@ def test_save_from_compiled_model_loads_onto_plain_one(tmp_path):
     ll.detach(plain)
     ll.load(plain, tmp_path / "b.safetensors")
     assert torch.equal(plain(ids), model(ids))
+
+
+def test_a_bare_linear_as_the_model_detaches_exactly():
+    """The root itself is the adapted layer: its lora_* scratch attributes and the runtime's own record of
+    requires_grad share one __dict__, and detach must still restore the flags."""
+    layer = nn.Linear(8, 8)
+    layer.bias.requires_grad_(False)
+    x = torch.randn(2, 8)
+    before = layer(x)
+    ll.attach(layer, LoRAConfig(r=2, target_roles=()))
+    assert not layer.weight.requires_grad
+    ll.detach(layer)
+    assert layer.weight.requires_grad and not layer.bias.requires_grad
+    assert torch.equal(layer(x), before) and not [k for k in layer.__dict__ if k.startswith("lora_")]

@@ -158,3 +158,25 @@ def test_gpt2_adapter_is_identity_then_live():
     assert not torch.allclose(model(ids).logits, base, atol=1e-4)
     names = [n for n, _ in ll.adapted_layers(model)]
     assert len(names) == 8 and all(re.search(r"\.(c_attn|c_proj|c_fc)$", n) for n in names)
+
+
+def test_tied_output_head_is_left_out_unless_named():
+    """An output head sharing the input embedding's weight (BERT's decoder, tied LM heads) is not a default
+    target: adapting it by accident would train and, on merge, rewrite the embedding's twin."""
+    model = tiny.TinyLM()
+    model.lm_head.weight = model.embed_tokens.weight
+    names = targets(model, exclude_names=())
+    assert "lm_head" not in names and "layers.0.q_proj" in names
+    assert list(targets(model, exclude_names=(), target_names=(r"lm_head",))) == ["lm_head"]
+
+
+def test_merge_refuses_a_tied_weight():
+    model = tiny.TinyLM()
+    model.lm_head.weight = model.embed_tokens.weight
+    ll.attach(model, tiny.cfg_for("lora", exclude_names=(), target_names=(r"lm_head",)))
+    with torch.no_grad():
+        model.lm_head.lora_B.normal_()
+    before = model.embed_tokens.weight.clone()
+    with pytest.raises(ValueError, match=r"lm_head is tied to \['embed_tokens.weight'\]"):
+        ll.merge(model)
+    assert torch.equal(model.embed_tokens.weight, before) and ll.adapted_layers(model)

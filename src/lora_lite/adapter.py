@@ -15,6 +15,7 @@ import operator
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +28,11 @@ from . import __version__
 from .config import AdapterConfig, from_dict
 from .target import Target, candidates, select, unwrap
 from .variant import REGISTRY, ParamSpec
-from .weights import add_to_weight, dims, is_quantized
+from .weights import (add_to_weight, dims, hold_cpu_repack, is_cpu_repacked, is_linear_like, is_quantized,
+                      release_cpu_repack)
 
 FLAGS = "lora_requires_grad"  # root attribute: {param name: requires_grad before attach}
-SCRATCH = ("lora_config", "lora_variant")
+REPACK = "lora_cpu_repack"  # root attribute: bitsandbytes CPU-repack switches held off while attached
 
 
 def _hook(layer: nn.Module, args: tuple, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
@@ -158,7 +160,13 @@ def _attach(root: nn.Module, cfg: AdapterConfig, targets: list[Target], init: bo
     """Add tensors and hooks to `targets` (all specs validated first). On error the model is restored."""
     variant = _variant(cfg)
     specs = [_specs(variant, t, cfg) for t in targets]
+    repacked = [n for n, m in root.named_modules() if is_linear_like(m) and is_cpu_repacked(m)]
+    if repacked:
+        warnings.warn(f"bitsandbytes has repacked {_listing(repacked)} for its CPU inference kernel (an eval-mode, "
+                      f"no-grad forward did it), which has no backward: gradients will not flow through those "
+                      f"layers. To train, reload the base and attach before any eval-mode forward.")
     root.__dict__[FLAGS] = {n: p.requires_grad for n, p in root.named_parameters()}
+    root.__dict__[REPACK] = hold_cpu_repack(root)
     try:
         for p in root.parameters():
             p.requires_grad_(False)
@@ -221,6 +229,7 @@ def attached(model: nn.Module, cfg: AdapterConfig, calibration_data=None):
 def detach(model: nn.Module) -> None:
     """Remove every adapter tensor, hook and attribute; restore requires_grad. No-op when nothing is attached."""
     root = unwrap(model)
+    flags, held = root.__dict__.pop(FLAGS, None), root.__dict__.pop(REPACK, {})  # before a root layer is cleaned
     for module in root.modules():
         _remove_hooks(module, _inputs_require_grad)
     for _, layer in adapted_layers(root):
@@ -232,7 +241,7 @@ def detach(model: nn.Module) -> None:
             [k for k in layer._non_persistent_buffers_set if k.startswith("lora_")])
         for key in [k for k in layer.__dict__ if k.startswith("lora_")]:
             del layer.__dict__[key]
-    flags = root.__dict__.pop(FLAGS, None)
+    release_cpu_repack(root, held)
     if flags is not None:
         for name, p in root.named_parameters():
             if name in flags:
@@ -371,8 +380,15 @@ def merge(model: nn.Module) -> None:
     layers = adapted_layers(model)
     if not layers:
         raise ValueError("nothing to merge: no adapter is attached to this model")
+    owners: dict[int, list[str]] = {}
+    for pname, p in unwrap(model).named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
     with torch.no_grad():
         for name, layer in layers:
+            tied = [n for n in owners.get(id(layer.weight), []) if n != _key(name, "weight")]
+            if tied:
+                raise ValueError(f"the weight of {name} is tied to {tied}: merging would change those too. "
+                                 f"Untie it first (e.g. clone the weight) or keep the adapter unmerged")
             if is_quantized(layer):
                 raise TypeError(f"cannot merge into quantized layer {name} ({type(layer).__name__}): load the base "
                                 f"model in float, then ll.load(model, adapter_file) and ll.merge(model)")

@@ -98,7 +98,11 @@ def _listing(targets: list[Target], limit: int = 60) -> str:
 def select(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
     """The targets `cfg` selects, in model order. Raises ValueError on typos and empty selections."""
     all_ = candidates(model)
-    pool = [t for t in all_ if not any(re.search(p, t.name) for p in cfg.exclude_names)]
+    # an output head whose weight is the input embedding's (tied) is left out unless named: adapting it
+    # trains the embedding's twin, and merging it would rewrite the embedding too
+    tied = {id(m.weight) for m in unwrap(model).modules() if isinstance(m, nn.Embedding)}
+    pool = [t for t in all_ if not any(re.search(p, t.name) for p in cfg.exclude_names)
+            and (id(t.layer.weight) not in tied or any(re.search(p, t.name) for p in cfg.target_names))]
     for pattern in cfg.target_names:
         if not any(re.search(pattern, t.name) for t in pool):
             raise ValueError(f"target_names pattern {pattern!r} matches no linear-like module "

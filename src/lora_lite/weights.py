@@ -58,6 +58,27 @@ def is_cpu_repacked(layer: nn.Module) -> bool:
     return getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False)
 
 
+CPU_REPACK = "support_avx512bf16_for_cpu"  # bitsandbytes Linear4bit's switch for the repack above
+
+
+def hold_cpu_repack(model: nn.Module) -> dict[str, bool]:
+    """Turn the CPU repack off on every Linear4bit of `model`, so that an eval-mode, no-grad forward
+    while an adapter is attached cannot cut the gradient path of later training. Returns the old
+    switches by module name, for `release_cpu_repack`."""
+    held = {}
+    for name, m in model.named_modules():
+        if CPU_REPACK in m.__dict__:
+            held[name] = m.__dict__[CPU_REPACK]
+            m.__dict__[CPU_REPACK] = False
+    return held
+
+
+def release_cpu_repack(model: nn.Module, held: dict[str, bool]) -> None:
+    for name, m in model.named_modules():
+        if name in held:
+            m.__dict__[CPU_REPACK] = held[name]
+
+
 def _int8_scales(layer: nn.Module) -> torch.Tensor:
     scb = getattr(layer.weight, "SCB", None)
     if scb is None:  # after the first forward
