@@ -95,3 +95,17 @@ def test_detach_removes_the_embedding_hook_and_deepcopy_keeps_its_own():
 
     ll.detach(model)
     assert dict(embed._forward_hooks) == before
+
+
+def test_embedding_output_is_marked_only_while_checkpointing():
+    """Marking the embedding output costs the first block's input gradients: only pay it when a block
+    checkpoints (and turning checkpointing off again stops it)."""
+    model = hooked("lora")
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    model(input_ids=IDS)
+    checkpointing(model, reentrant=True)
+    model(input_ids=IDS)
+    model.gradient_checkpointing_disable()
+    model(input_ids=IDS)
+    assert seen == [False, True, False]

@@ -50,3 +50,20 @@ def test_mixed_precision(variant_name, case):
     for name, p in trainable:
         assert p.dtype == adapter_dtype and p.grad is not None and p.grad.dtype == adapter_dtype, name
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_model_to_bf16_after_attach(variant_name):
+    """`model.to(torch.bfloat16)` after attach casts the adapter too (as PEFT does): the adapter then computes
+    in bf16, trains, and its int64 step buffers stay int64."""
+    ids = tiny.tokens()
+    model = tiny.TinyLM()
+    ll.attach(model, tiny.cfg_for(variant_name))
+    perturb(model)
+    expected = model(ids)
+    model.to(BF16)
+    out = model(ids)
+    assert out.dtype == BF16 and torch.allclose(out.float(), expected, atol=0.1, rtol=0.05)
+    out.float().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == BF16 and torch.isfinite(g).all() for g in grads)
+    assert all(b.dtype in (BF16, torch.int64) for n, b in model.named_buffers() if ".lora_" in n)

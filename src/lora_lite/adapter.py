@@ -37,7 +37,8 @@ REPACK = "lora_cpu_repack"  # root attribute: bitsandbytes CPU-repack switches h
 
 def _hook(layer: nn.Module, args: tuple, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
     x = args[0] if args else kwargs["input"]
-    dtype = layer.lora_config.dtype
+    # the adapter computes in its parameters' dtype: cfg.dtype at attach, or what model.to(...) made of it
+    dtype = next((p.dtype for k, p in layer._parameters.items() if k.startswith("lora_")), layer.lora_config.dtype)
     # Variants add into y in place (lora.add_low_rank). y is fresh from the layer unless a hook ran
     # before ours and may hold it (a tracer, FSDP), or it is a view (Conv1D, bitsandbytes' autograd
     # Function, where autograd forbids or slows in-place writes): then they get a copy. Compiled
@@ -54,10 +55,12 @@ def _inputs_require_grad(embedding: nn.Module, args: tuple, out: torch.Tensor) -
     inputs requires grad; with the whole base frozen none does, so the adapters inside it would
     silently get no gradient. Marking the embedding output makes that work whether checkpointing is
     enabled before or after attach. It is what transformers' `enable_input_require_grads` does, but
-    this hook is found by identity on detach (no handle to keep), so detach stays exact and
-    `copy.deepcopy` works. Skipped while dynamo traces: it would be a graph break.
+    only while a block checkpoints (marking costs the first block's input gradients, ~3% of a train
+    step), and this hook is found by identity on detach (no handle to keep), so detach stays exact
+    and `copy.deepcopy` works. Skipped while dynamo traces: it would be a graph break.
     """
     if (torch.is_grad_enabled() and isinstance(out, torch.Tensor) and not out.requires_grad
+            and any(m.gradient_checkpointing for m in embedding.lora_checkpointable)
             and not torch.compiler.is_compiling()):
         out.requires_grad_(True)
 
@@ -189,6 +192,8 @@ def _attach(root: nn.Module, cfg: AdapterConfig, targets: list[Target], init: bo
             layer.register_forward_hook(_hook, with_kwargs=True)
         embedding = _input_embeddings(root)
         if embedding is not None:
+            # the modules transformers' gradient_checkpointing_enable switches (a plain list: deepcopy maps it)
+            embedding.lora_checkpointable = [m for m in root.modules() if hasattr(m, "gradient_checkpointing")]
             embedding.register_forward_hook(_inputs_require_grad)
     except BaseException:
         detach(root)
@@ -232,6 +237,7 @@ def detach(model: nn.Module) -> None:
     flags, held = root.__dict__.pop(FLAGS, None), root.__dict__.pop(REPACK, {})  # before a root layer is cleaned
     for module in root.modules():
         _remove_hooks(module, _inputs_require_grad)
+        module.__dict__.pop("lora_checkpointable", None)
     for _, layer in adapted_layers(root):
         _remove_hooks(layer, _hook)
         for store in (layer._parameters, layer._buffers):

@@ -3,6 +3,10 @@
 A variant is a class of static methods (no state): `param_specs`, `forward`, and
 optionally `init`, `group_init`, `delta_weight`, `on_step`. Its tensors live on
 the target layer as `lora_*` parameters and buffers. See DESIGN.md.
+
+`forward(layer, x, y)` gets x and y in the adapter's dtype and returns the new output. It may
+write into y: the runtime hands it a y that nothing else holds (a copy when another hook saw it
+first), which saves allocating a second (..., d_out) tensor per call.
 """
 from __future__ import annotations
 
