@@ -21,10 +21,10 @@ import traceback
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 
 import lora_lite as ll  # noqa: E402
+import realmodel as rm  # noqa: E402
 from lora_lite import weights  # noqa: E402
 
 QUANTS = {
@@ -35,28 +35,9 @@ QUANTS = {
 # widths every variant accepts (GraLoRA's k divides them); 64 keeps bitsandbytes' 4-bit blocks whole
 QWEN3 = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16)
-SETTINGS = {"singlora": {"ramp_up_steps": 5}, "gralora": {"k": 2}}
-
-
-def config(name: str) -> ll.AdapterConfig:
-    cls = ll.REGISTRY[name].config
-    extra = {k: v for k, v in SETTINGS.get(name, {}).items() if k in cls.__dataclass_fields__}
-    return cls(r=8, alpha=16.0, **extra)
-
-
 def storage(model) -> dict[str, torch.Tensor]:
     return {f"{n}:{k}": v.clone() for n, m in model.named_modules() if weights.is_linear_like(m)
             for k, v in weights.storage(m).items()}
-
-
-def loss_of(model, ids) -> torch.Tensor:
-    z = model(ids).logits
-    return F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), ids[:, 1:].reshape(-1))
-
-
-def logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def run(folder: str, name: str, quant: str, steps: int, ids: torch.Tensor) -> str:
@@ -66,21 +47,13 @@ def run(folder: str, name: str, quant: str, steps: int, ids: torch.Tensor) -> st
     # from_pretrained returns eval mode, where bitsandbytes repacks 4-bit weights for inference, after which
     # no gradient flows through them: train mode (Qwen3 has no dropout) keeps the training layout
     model.train()
-    base_err = (logits(float_model, ids) - logits(model, ids)).abs().max().item()
+    base_err = (rm.logits(float_model, ids) - rm.logits(model, ids)).abs().max().item()
     before = storage(model)
 
-    ll.attach(model, config(name))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ll.track_steps(opt, model)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = loss_of(model, ids)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    ll.attach(model, rm.config_for(name))
+    losses, _ = rm.train(model, ids, steps, lr=1e-2)
     assert losses[-1] < 0.95 * losses[0], f"loss did not drop: {losses[0]:.3f} -> {losses[-1]:.3f}"
-    y = logits(model, ids)
+    y = rm.logits(model, ids)
 
     path = os.path.join(folder, f"{name}-{quant}.safetensors")
     ll.save(model, path)
@@ -89,12 +62,12 @@ def run(folder: str, name: str, quant: str, steps: int, ids: torch.Tensor) -> st
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert after.keys() == before.keys() and not changed, f"detach changed {changed}"
     ll.load(model, path)
-    reload_err = (logits(model, ids) - y).abs().max().item()
+    reload_err = (rm.logits(model, ids) - y).abs().max().item()
     assert reload_err == 0, f"reload error {reload_err:.3g}"
 
     ll.load(float_model, path)
     ll.merge(float_model)
-    merge_err = (logits(float_model, ids) - y).abs().max().item()
+    merge_err = (rm.logits(float_model, ids) - y).abs().max().item()
     assert merge_err <= 2 * base_err + 1e-5, f"merged float vs hooked {quant}: {merge_err:.4f}, base {base_err:.4f}"
     return (f"loss {losses[0]:.3f} -> {losses[-1]:.3f}  reload err {reload_err:.1g}  detach exact  "
             f"base quant err {base_err:.4f}  merged-float vs hooked {merge_err:.4f}")

@@ -16,7 +16,7 @@ import lora_lite as ll
 import tiny
 from lora_lite.adapter import _inputs_require_grad
 from test_architectures import VOCAB, llama
-from test_contract import perturb
+from tiny import perturb
 
 IDS = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
 

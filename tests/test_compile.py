@@ -12,7 +12,7 @@ import torch
 
 import lora_lite as ll
 import tiny
-from test_contract import assert_restored, perturb, snapshot
+from tiny import assert_restored, perturb, snapshot
 
 
 def small(name):

@@ -12,36 +12,13 @@ from safetensors.torch import save_file
 
 import lora_lite as ll
 import tiny
+from tiny import assert_restored, perturb, snapshot
 
 
-def perturb(model, seed=0):
-    """Move every float adapter tensor away from its init (e.g. LoRA's B = 0), past any ramp-up."""
-    ll.set_step(model, 10**6)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in tiny.lora_tensors(model).values():
-            if t.is_floating_point():
-                t.add_(0.1 * torch.randn(t.shape, generator=g))
 
 
-def snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()})
 
 
-def assert_restored(model, snap):
-    """Every base tensor bit for bit, every requires_grad flag, and no adapter leftovers."""
-    state, flags = snap
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    changed = [k for k in state if not torch.equal(now[k], state[k])]
-    assert not changed, f"base tensors changed: {changed}"
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    for name, m in model.named_modules():
-        leftovers = [k for store in (m.__dict__, m._parameters, m._buffers) for k in store if k.startswith("lora_")]
-        assert not leftovers, f"{name or 'root'} keeps {leftovers}"
-        assert not m._forward_hooks and not m._forward_pre_hooks, f"{name or 'root'} keeps hooks"
-    assert ll.adapted_layers(model) == []
 
 
 def train(model, ids, steps, lr=1e-2):

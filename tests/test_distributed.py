@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora_lite as ll
 import tiny
-from test_contract import perturb
+from tiny import perturb
 
 WORLD, STEPS, LR, TIMEOUT = 2, 3, 1e-3, 240
 IDS = tiny.tokens(4, 8)

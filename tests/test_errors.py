@@ -23,6 +23,7 @@ from torch import nn
 
 import lora_lite as ll
 import tiny
+from tiny import perturb
 
 
 # --- the one helper: snapshot a model, assert a failed call left it exactly so ----------------------
@@ -73,14 +74,6 @@ def fails(model, exc, match, fn, *args, **kw):
     return info.value
 
 
-def perturb(model, seed=0):
-    """Move every float adapter tensor away from its init, past any ramp-up (so nothing is trivially zero)."""
-    ll.set_step(model, 10**6)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in tiny.lora_tensors(model).values():
-            if t.is_floating_point():
-                t.add_(0.1 * torch.randn(t.shape, generator=g))
 
 
 def chain(*dims) -> nn.Sequential:

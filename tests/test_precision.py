@@ -10,7 +10,7 @@ import torch
 
 import lora_lite as ll
 import tiny
-from test_contract import perturb
+from tiny import perturb
 
 BF16 = torch.bfloat16
 CASES = {  # name: (base dtype, adapter dtype, autocast)

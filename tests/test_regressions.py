@@ -13,7 +13,7 @@ from lora_lite.variant import ParamSpec, zeros
 from lora_lite.variants.lora import LoRA, LoRAConfig
 from lora_lite.weights import dense_weight
 from test_calibration import PCAConfig, calibration, pca, registered  # noqa: F401 (pca is a fixture)
-from test_contract import perturb
+from tiny import perturb
 
 
 def test_attach_twice_raises_and_first_adapter_keeps_working(tmp_path):
