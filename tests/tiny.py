@@ -74,7 +74,7 @@ def perturb(model, seed=0):
     ll.set_step(model, 10**6)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for t in tiny.lora_tensors(model).values():
+        for t in lora_tensors(model).values():
             if t.is_floating_point():
                 t.add_(0.1 * torch.randn(t.shape, generator=g))
 
