@@ -664,6 +664,7 @@ def test_merge_into_quantized_layer_says_what_to_do():
     ("gralora", "k", 0), ("gralora", "k", 2.0), ("gralora", "hybrid_r", -1),
     ("singlora", "ramp_up_steps", -1), ("singlora", "ramp_up_steps", 1.5),
     ("pissa", "niter", -1), ("pissa", "niter", 1.5),
+    ("delora", "lambda0", "15"), ("delora", "lambda0", float("nan")),
 ])
 def test_bad_variant_fields(name, field, value):
     with pytest.raises((ValueError, TypeError), match=field):

@@ -46,13 +46,9 @@ class AdapterConfig:
             self.dtype = _dtype(self.dtype)
         if self.dtype not in DTYPES.values():
             raise TypeError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive int, got {self.r!r}")
-        for name in ("alpha", "dropout"):  # a string here (e.g. from a hand-edited file) would fail much later
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
-                raise TypeError(f"{name} must be a number, got {getattr(self, name)!r}")
-        if not math.isfinite(self.alpha):
-            raise ValueError(f"alpha must be finite, got {self.alpha!r}")
+        check_int("r", self.r, 1)
+        check_number("alpha", self.alpha)
+        check_number("dropout", self.dropout)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("target_roles", "target_names", "exclude_names"):
@@ -88,6 +84,20 @@ class AdapterConfig:
                 value = list(value)
             d[f.name] = value
         return d
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """Raise unless `value` is an int (a bool is not) of at least `minimum`; the message names the field."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_number(name: str, value: Any) -> None:
+    """Raise unless `value` is a finite int or float (a string from a hand-edited file would fail much later)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, check_number
 from ..variant import ParamSpec, dropout, kaiming, register, zeros
 from ..weights import dense_weight
 from .lora import add_low_rank
@@ -29,6 +29,10 @@ from .lora import add_low_rank
 @dataclass
 class DeLoRAConfig(AdapterConfig):
     lambda0: float = 15.0  # initial λ, the bound on ‖ΔW‖ per unit column norm (PEFT's delora_lambda)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_number("DeLoRA lambda0", self.lambda0)
 
 
 def _scaled_A(layer):

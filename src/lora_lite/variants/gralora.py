@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, check_int
 from ..variant import ParamSpec, dropout, kaiming, register, zeros
 from .lora import add_low_rank
 
@@ -35,10 +35,8 @@ class GraLoRAConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"GraLoRA k must be a positive int, got {self.k!r}")
-        if isinstance(self.hybrid_r, bool) or not isinstance(self.hybrid_r, int) or self.hybrid_r < 0:
-            raise ValueError(f"GraLoRA hybrid_r must be an int >= 0, got {self.hybrid_r!r}")
+        check_int("GraLoRA k", self.k, 1)
+        check_int("GraLoRA hybrid_r", self.hybrid_r, 0)
         if self.r % self.k:
             raise ValueError(f"GraLoRA k={self.k} does not divide r={self.r}: choose r as a multiple of k")
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import check_int
 from ..variant import ParamSpec, dropout, register
 from ..weights import dense_weight
 from .lora import LoRAConfig, add_low_rank, scale
@@ -32,9 +33,8 @@ class PiSSAConfig(LoRAConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.niter is not None and (isinstance(self.niter, bool) or not isinstance(self.niter, int)
-                                       or self.niter < 0):
-            raise ValueError(f"niter must be None (full SVD) or an int >= 0, got {self.niter!r}")
+        if self.niter is not None:  # None: the full SVD
+            check_int("niter", self.niter, 0)
 
 
 @register

@@ -20,7 +20,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, check_int
 from ..variant import ParamSpec, dropout, kaiming, register
 from ..weights import dims
 from .lora import add_low_rank
@@ -36,8 +36,7 @@ class SingLoRAConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.ramp_up_steps, bool) or not isinstance(self.ramp_up_steps, int) or self.ramp_up_steps < 0:
-            raise ValueError(f"ramp_up_steps must be an int >= 0 (0: no ramp), got {self.ramp_up_steps!r}")
+        check_int("ramp_up_steps (0: no ramp)", self.ramp_up_steps, 0)
 
 
 def ramp(layer) -> torch.Tensor | float:
