@@ -321,7 +321,7 @@ def read(path: str | os.PathLike) -> tuple[AdapterConfig, list[str], dict[str, t
         raise ValueError(f"{path}: malformed metadata JSON: {e}") from None
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"{path}: metadata 'targets' must be a list of module names")
-    names = [canonical_key(t + ".")[:-1] for t in targets]
+    names = [canonical_key(t + ".")[:-1] for t in targets]  # the dot lets a trailing `._orig_mod` go too
     if not names:
         raise ValueError(f"{path}: metadata 'targets' is empty: no target module to attach to")
     dups = sorted({n for n in names if names.count(n) > 1})
