@@ -44,6 +44,11 @@ def ramp(layer) -> torch.Tensor | float:
     return layer.lora_step.float().div(T).clamp(max=1.0) if T else 1.0
 
 
+def rows(A: torch.Tensor, n: int) -> torch.Tensor:
+    """A[:n], or A itself when that is all of it: a full slice would still cost a backward node."""
+    return A if n == A.shape[0] else A[:n]
+
+
 def _check_step(layer, grad) -> None:
     # Runs as a backward hook on the first training backward of each layer: the one moment gradients
     # really flow (a forward alone, e.g. an identity check before ll.track_steps, says nothing). It is
@@ -71,13 +76,14 @@ class SingLoRA:
     @staticmethod
     def forward(layer, x, y):
         A = layer.lora_A
+        A_in, A_out = rows(A, x.shape[-1]), rows(A, y.shape[-1])
         # Aᵀ copied contiguous, (r, d_in) and a few KB, so autograd forms A's gradient as gᵀ x, the fast
         # layout (x @ A[:d_in] would form xᵀ g, twice as slow on CPU); the ramp scales the small B side.
-        h = F.linear(dropout(layer, x), A[:x.shape[-1]].t().contiguous())  # (..., r)
+        h = F.linear(dropout(layer, x), A_in.t().contiguous())  # (..., r)
         if (h.requires_grad and A.requires_grad and "lora_step_checked" not in layer.__dict__
                 and not torch.compiler.is_compiling()):
             h.register_hook(partial(_check_step, layer))
-        return add_low_rank(y, h, A[:y.shape[-1]] * ramp(layer), layer.lora_config.alpha / layer.lora_config.r)
+        return add_low_rank(y, h, A_out * ramp(layer), layer.lora_config.alpha / layer.lora_config.r)
 
     @staticmethod
     def delta_weight(layer):
