@@ -3,9 +3,11 @@
 The numeric check compiles with backend="aot_eager": dynamo's capture of the hooks plus AOTAutograd's
 forward and backward graphs, which is where a hook could go wrong (a graph break, a Python branch on a
 tensor value, an in-place op autograd rejects). Inductor's C++ codegen on top costs 20-60 s per variant
-on 2 CPU cores, too slow for the unit suite; docs/scale_out.md records the inductor run.
+on 2 CPU cores, too slow for the unit suite: `LL_COMPILE_BACKEND=inductor python -m pytest
+tests/test_compile.py -k matches_eager` runs the same check through inductor.
 """
 import copy
+import os
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ import torch
 import lora_lite as ll
 import tiny
 from tiny import assert_restored, perturb, snapshot
+
+BACKEND = os.environ.get("LL_COMPILE_BACKEND", "aot_eager")
 
 
 def small(name):
@@ -36,7 +40,7 @@ def test_compiled_matches_eager_forward_and_backward():
     for name in sorted(ll.REGISTRY):
         torch._dynamo.reset()
         eager = small(name)
-        compiled = torch.compile(copy.deepcopy(eager), backend="aot_eager", fullgraph=True)
+        compiled = torch.compile(copy.deepcopy(eager), backend=BACKEND, fullgraph=True)
         losses = [tiny.lm_loss(m, ids) for m in (eager, compiled)]
         assert torch.allclose(losses[0], losses[1], atol=1e-5), name
         for loss in losses:
