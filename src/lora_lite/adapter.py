@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -136,27 +137,19 @@ def _check_order(model: nn.Module) -> None:
     without sync (ranks silently diverge) or not be guaranteed to run, so the order is enforced.
     """
     then = "attach (or load) the adapter first, then wrap: ll.attach(model, cfg); model = {}(model)"
-    m = model
-    while True:
-        if isinstance(m, nn.parallel.DistributedDataParallel):
-            raise ValueError("the model is already wrapped in DistributedDataParallel, whose gradient all-reduce "
-                             "covers only the parameters it saw, so adapter gradients would never be synced "
-                             "and ranks would silently diverge: " + then.format("DDP"))
-        if hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None:
-            raise ValueError("the model is already torch.compile'd; dynamo does not guard on forward hooks, so "
-                             "an adapter added now is not guaranteed to run: " + then.format("torch.compile"))
-        if type(m).__name__ == "DataParallel":
-            m = m.module
-        else:
-            break
-    for name, sub in m.named_modules():
+    for name, sub in model.named_modules():  # the wrappers themselves included, DataParallel looked through
+        where = f"module {name}" if name else "the model"
+        if isinstance(sub, nn.parallel.DistributedDataParallel):
+            raise ValueError(f"{where} is already wrapped in DistributedDataParallel, whose gradient all-reduce "
+                             f"covers only the parameters it saw, so adapter gradients would never be synced "
+                             f"and ranks would silently diverge: " + then.format("DDP"))
         if hasattr(sub, "_orig_mod") or getattr(sub, "_compiled_call_impl", None) is not None:
-            raise ValueError(f"module {name or '(root)'} is already torch.compile'd; dynamo does not guard on "
-                             f"forward hooks: " + then.format("torch.compile"))
+            raise ValueError(f"{where} is already torch.compile'd; dynamo does not guard on forward hooks, so an "
+                             f"adapter added now is not guaranteed to run: " + then.format("torch.compile"))
         if any(c.__name__ == "FSDPModule" for c in type(sub).__mro__) or any(
                 type(p).__name__ == "DTensor" for p in sub.parameters(recurse=False)):
-            raise ValueError(f"module {name or '(root)'} is already sharded by fully_shard (FSDP2), which shards "
-                             f"only the parameters it saw: " + then.format("fully_shard"))
+            raise ValueError(f"{where} is already sharded by fully_shard (FSDP2), which shards only the "
+                             f"parameters it saw: " + then.format("fully_shard"))
 
 
 def _attach(root: nn.Module, cfg: AdapterConfig, targets: list[Target], init: bool) -> None:
@@ -324,7 +317,7 @@ def read(path: str | os.PathLike) -> tuple[AdapterConfig, list[str], dict[str, t
     names = [canonical_key(t + ".")[:-1] for t in targets]  # the dot lets a trailing `._orig_mod` go too
     if not names:
         raise ValueError(f"{path}: metadata 'targets' is empty: no target module to attach to")
-    dups = sorted({n for n in names if names.count(n) > 1})
+    dups = sorted(n for n, count in Counter(names).items() if count > 1)
     if dups:  # attaching twice to one layer would fail half-way with a confusing message
         raise ValueError(f"{path}: metadata 'targets' lists modules more than once: {dups}")
     try:
