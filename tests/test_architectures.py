@@ -8,35 +8,11 @@ scheme (`layers.N`, `h.N`, `layer.N`).
 from __future__ import annotations
 
 import pytest
+import tiny
 import torch
-from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+from tiny import VOCAB, D, bert, gpt2, llama, qwen3
 
 import lora_lite as ll
-import tiny
-
-VOCAB = 64
-D = 32  # hidden width; k/v heads give 16, MLPs 64 or 128: every width divisible by GraLoRA's k (2 or 4)
-
-
-def qwen3():
-    return Qwen3ForCausalLM(Qwen3Config(vocab_size=VOCAB, hidden_size=D, intermediate_size=2 * D, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16))
-
-
-def llama():
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=2 * D, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16))
-
-
-def gpt2():
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=2, n_head=2, n_positions=32,
-                                      bos_token_id=0, eos_token_id=0))
-
-
-def bert():
-    return BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=2 * D, max_position_embeddings=32))
 
 
 def _decoder_roles(prefix):

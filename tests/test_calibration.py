@@ -3,82 +3,15 @@
 `PCA` is LoRA whose A holds the top-r principal directions of each layer's calibration inputs
 (eigenvectors of Σ xᵀx), collected with `lora_lite.variant.capture_inputs`.
 """
-import contextlib
 from dataclasses import dataclass
 
 import pytest
+import tiny
 import torch
+from tiny import PCA, PCAConfig, calibration, input_grams, registered
 
 import lora_lite as ll
-import tiny
-from lora_lite.config import CONFIGS
-from lora_lite.variant import ParamSpec, capture_inputs, zeros
-from lora_lite.variants.lora import LoRA, LoRAConfig
-
-
-@contextlib.contextmanager
-def registered(cls):
-    """Register a test-only variant for the duration of a test, so it never leaks into parametrization."""
-    ll.register(cls)
-    try:
-        yield cls
-    finally:
-        ll.REGISTRY.pop(cls.name, None)
-        CONFIGS.pop(cls.name, None)
-
-
-@dataclass
-class PCAConfig(LoRAConfig):
-    pass
-
-
-def input_grams(model, targets, data, fn=None):
-    """{layer: Σ xᵀx over every token of the calibration batches}."""
-    grams = {}
-
-    def collect(layer, x):
-        x = x.reshape(-1, x.shape[-1]).float()
-        grams[layer] = grams.get(layer, 0) + x.t() @ x
-        if fn is not None:
-            fn(layer, x)
-
-    capture_inputs(model, [t.layer for t in targets], data, collect)
-    return grams
-
-
-class PCA:
-    name = "test_pca"
-    config = PCAConfig
-    calls = []  # (target names, calibration data) of every group_init call
-
-    @staticmethod
-    def param_specs(d_in, d_out, cfg):
-        return {"lora_A": ParamSpec((cfg.r, d_in), None), "lora_B": ParamSpec((d_out, cfg.r), zeros)}
-
-    @staticmethod
-    def group_init(model, targets, cfg, calibration_data):
-        if calibration_data is None:
-            raise ValueError("test_pca needs calibration_data")
-        PCA.calls.append(([t.name for t in targets], calibration_data))
-        grams = input_grams(model, targets, calibration_data)
-        with torch.no_grad():
-            for t in targets:
-                _, vectors = torch.linalg.eigh(grams[t.layer])  # ascending eigenvalues
-                t.layer.lora_A.copy_(vectors[:, -cfg.r:].flip(1).t())
-
-    forward = LoRA.forward
-    delta_weight = LoRA.delta_weight
-
-
-@pytest.fixture
-def pca():
-    PCA.calls.clear()
-    with registered(PCA):
-        yield PCA
-
-
-def calibration():
-    return [tiny.tokens(batch=2, seed=s) for s in (10, 11)]
+from lora_lite.variants.lora import LoRAConfig
 
 
 def hooks(model):

@@ -10,13 +10,12 @@ that do not call `enable_input_require_grads` themselves (simulated by removing 
 import copy
 
 import pytest
+import tiny
 import torch
+from lora_lite.hook import inputs_require_grad
+from tiny import VOCAB, llama, perturb
 
 import lora_lite as ll
-import tiny
-from lora_lite.adapter import _inputs_require_grad
-from test_architectures import VOCAB, llama
-from tiny import perturb
 
 IDS = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
 
@@ -85,13 +84,13 @@ def test_detach_removes_the_embedding_hook_and_deepcopy_keeps_its_own():
     embed = model.get_input_embeddings()
     before = dict(embed._forward_hooks)
     ll.attach(model, tiny.cfg_for("lora"))
-    assert [f for f in embed._forward_hooks.values() if f is _inputs_require_grad]
+    assert [f for f in embed._forward_hooks.values() if f is inputs_require_grad]
 
     twin = checkpointing(copy.deepcopy(model), reentrant=True)
     assert all(g is not None for g in adapter_grads(twin).values())
     ll.detach(twin)
     assert not twin.get_input_embeddings()._forward_hooks
-    assert [f for f in embed._forward_hooks.values() if f is _inputs_require_grad]  # the original keeps its own
+    assert [f for f in embed._forward_hooks.values() if f is inputs_require_grad]  # the original keeps its own
 
     ll.detach(model)
     assert dict(embed._forward_hooks) == before

@@ -10,11 +10,11 @@ import copy
 import os
 
 import pytest
+import tiny
 import torch
+from tiny import assert_restored, perturb, snapshot
 
 import lora_lite as ll
-import tiny
-from tiny import assert_restored, perturb, snapshot
 
 BACKEND = os.environ.get("LL_COMPILE_BACKEND", "aot_eager")
 

@@ -6,19 +6,13 @@ Point 9 (numeric parity with the reference implementation) lives in the per-vari
 import copy
 
 import pytest
+import tiny
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-import lora_lite as ll
-import tiny
 from tiny import assert_restored, perturb, snapshot
 
-
-
-
-
-
+import lora_lite as ll
 
 
 def train(model, ids, steps, lr=1e-2):

@@ -1,13 +1,13 @@
 """DeLoRA against PEFT's `DeloraConfig`: same weight norms, same outputs and ΔW away from init."""
 import copy
 
+import tiny
 import torch
 from peft import DeloraConfig, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lora_lite as ll
-import tiny
 
 NAMES = ("q_proj", "v_proj", "up_proj", "down_proj")  # square, wide and tall layers
 

@@ -11,15 +11,15 @@ import socket
 import time
 
 import pytest
+import tiny
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny import perturb
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora_lite as ll
-import tiny
-from tiny import perturb
 
 WORLD, STEPS, LR, TIMEOUT = 2, 3, 1e-3, 240
 IDS = tiny.tokens(4, 8)

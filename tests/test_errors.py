@@ -16,15 +16,14 @@ import sys
 import textwrap
 
 import pytest
+import tiny
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny import perturb
 from torch import nn
 
 import lora_lite as ll
-import tiny
-from tiny import perturb
-
 
 # --- the one helper: snapshot a model, assert a failed call left it exactly so ----------------------
 
@@ -532,7 +531,7 @@ def test_failed_save_leaves_no_temp_file(tmp_path):
 
 SAVER = textwrap.dedent("""
     import sys, time, torch, lora_lite as ll
-    from lora_lite import adapter
+    from lora_lite import adapter_file as adapter
     path, mode = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1024, 1024))

@@ -6,7 +6,7 @@ import pytest
 import tiny
 import torch
 import transformers
-from test_quantized import lifecycle, logits, train
+from tiny import lifecycle, logits, train
 
 import lora_lite as ll
 from lora_lite import weights

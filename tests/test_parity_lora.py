@@ -1,12 +1,11 @@
 """LoRA parity with PEFT 0.21 (`peft/tuners/lora/layer.py`): same tensors in, same outputs out (<= 1e-5 fp32)."""
 import pytest
+import tiny
 import torch
 from peft import LoraConfig, get_peft_model
 
 import lora_lite as ll
-import tiny
 from lora_lite.variant import kaiming
-from lora_lite.variants import lora
 
 NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -46,7 +45,7 @@ def test_outputs_match_peft(use_rslora):
     want_scale = 8.0 / (4**0.5 if use_rslora else 4)
     for name, layer in ll.adapted_layers(ours):
         assert ref.base_model.model.get_submodule(name).scaling["default"] == want_scale
-        assert lora.scale(layer.lora_config) == want_scale
+        assert layer.lora_config.scale() == want_scale
 
 
 def test_training_stays_in_parity():

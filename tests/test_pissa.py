@@ -6,13 +6,13 @@ and after identical training, while our base stays bit for bit what it was.
 import copy
 
 import pytest
+import tiny
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lora_lite as ll
-import tiny
 from lora_lite.weights import dense_weight
 
 NAMES = ("q_proj", "v_proj", "up_proj", "down_proj")  # square, wide and tall layers

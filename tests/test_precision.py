@@ -6,11 +6,11 @@ result, and every adapter parameter gets a gradient of its own dtype.
 import contextlib
 
 import pytest
+import tiny
 import torch
+from tiny import perturb
 
 import lora_lite as ll
-import tiny
-from tiny import perturb
 
 BF16 = torch.bfloat16
 CASES = {  # name: (base dtype, adapter dtype, autocast)

@@ -7,13 +7,13 @@ r no larger than any layer. Three properties: identity at t=0, save/load exact, 
 import os
 import tempfile
 
+import tiny
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import lora_lite as ll
-import tiny
 
 SETTINGS = settings(max_examples=40, deadline=None, database=None)
 
@@ -51,16 +51,6 @@ def config(name, kw):
     return tiny.cfg_for(name, alpha=2.0 * kw["r"], target_roles=(), **kw)  # target_roles=(): every layer
 
 
-def perturb(model, seed):
-    """Move every float adapter tensor off its init and finish any ramp-up: nothing is trivially zero."""
-    ll.set_step(model, 10**6)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in tiny.lora_tensors(model).values():
-            if t.is_floating_point():
-                t.add_(0.3 * torch.randn(t.shape, generator=g))
-
-
 def inputs(dims, seed):
     return torch.randn(3, 2, dims[0], generator=torch.Generator().manual_seed(seed))
 
@@ -83,7 +73,7 @@ def test_save_load_exact(case, seed):
     model, x = build(dims, seed), inputs(dims, seed)
     base = model(x)
     ll.attach(model, config(name, kw))
-    perturb(model, seed)
+    tiny.perturb(model, seed, scale=0.3)
     y, saved = model(x), tiny.lora_tensors(model)
     assert not torch.equal(y, base)  # the perturbed adapter is live
     with tempfile.TemporaryDirectory() as folder:
@@ -105,7 +95,7 @@ def test_merge_equals_forward(case, seed):
     name, dims, kw = case
     model, x = build(dims, seed), inputs(dims, seed)
     ll.attach(model, config(name, kw))
-    perturb(model, seed)
+    tiny.perturb(model, seed, scale=0.3)
     with torch.no_grad():
         y = model(x)
         ll.merge(model)

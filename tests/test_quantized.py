@@ -16,111 +16,14 @@ import bitsandbytes as bnb
 import pytest
 import tiny
 import torch
-import torch.nn.functional as F
 import transformers
+from tiny import bnb_linear, lifecycle, logits, quantize, storage, train
 from torch import nn
 
 import lora_lite as ll
 from lora_lite import weights
 
 QUANTS = ("nf4", "fp4", "int8")
-
-
-def bnb_linear(lin: nn.Linear, quant: str) -> nn.Module:
-    """A bitsandbytes copy of `lin`, quantized: the `.to("cpu")` is what quantizes."""
-    if quant == "int8":
-        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False)
-        q.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
-    else:  # compress_statistics (double quantization) is the Params4bit default: the nested state is covered too
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=torch.float32, quant_type=quant)
-        q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type=quant)
-    if lin.bias is not None:
-        q.bias = nn.Parameter(lin.bias.data.clone())
-    return q.to("cpu")
-
-
-def quantize(model: nn.Module, quant: str) -> nn.Module:
-    """Replace every nn.Linear but lm_head with its bitsandbytes copy, in place; "fp32" leaves the model float."""
-    if quant == "fp32":
-        return model
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and name != "lm_head":
-                setattr(parent, name, bnb_linear(child, quant))
-    return model
-
-
-def storage(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every base tensor: the state_dict, and what bitsandbytes keeps off it (weights.storage)."""
-    out = {n: t.detach().clone() for n, t in model.state_dict().items() if ".lora_" not in f".{n}"}
-    for name, m in model.named_modules():
-        if weights.is_linear_like(m):
-            out |= {f"{name}:{k}": v.clone() for k, v in weights.storage(m).items()}
-    return out
-
-
-def assert_same_storage(before: dict, model: nn.Module) -> None:
-    after = storage(model)
-    assert after.keys() == before.keys()
-    changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert not changed, f"base tensors changed: {changed}"
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = model(ids)
-    return getattr(out, "logits", out)  # transformers returns an output object
-
-
-def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    z = logits(model, ids)
-    return F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), ids[:, 1:].reshape(-1))
-
-
-def train(model: nn.Module, ids: torch.Tensor, steps: int, lr: float = 1e-2) -> list[float]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    ll.track_steps(opt, model)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = loss_of(model, ids)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
-def lifecycle(model: nn.Module, cfg: ll.AdapterConfig, ids: torch.Tensor, path) -> None:
-    """The adapter contract on one model, whatever stores its weights. The models here have no dropout and
-    stay in train mode: see test_dense_weight_after_the_cpu_repack for what eval mode does to 4-bit layers."""
-    with torch.no_grad():
-        y0 = logits(model, ids)  # for int8 this first forward moves SCB from the weight to layer.state
-    before = storage(model)
-    ll.attach(model, cfg)
-    with torch.no_grad():
-        torch.testing.assert_close(logits(model, ids), y0, rtol=0, atol=1e-6 * y0.abs().max().item())
-
-    train(model, ids, steps=3)  # B (and SingLoRA's ramp) leave 0 after the first step: every gradient is live
-    for n, p in model.named_parameters():
-        if ".lora_" in f".{n}" and p.requires_grad:
-            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
-        else:
-            assert p.grad is None and not p.requires_grad, f"base tensor {n} has a gradient"
-
-    with torch.no_grad():
-        y1 = logits(model, ids)
-    assert not torch.equal(y1, y0)
-    ll.save(model, path)
-    ll.detach(model)
-    assert_same_storage(before, model)
-    with torch.no_grad():
-        assert torch.equal(logits(model, ids), y0)
-    ll.load(model, path)
-    with torch.no_grad():
-        assert torch.equal(logits(model, ids), y1)
-    ll.detach(model)
-    assert_same_storage(before, model)
 
 
 # --- weights.py on bitsandbytes layers ---------------------------------------------------------------------------

@@ -4,13 +4,13 @@ import warnings
 
 import peft
 import pytest
+import tiny
 import torch
 from peft import get_peft_model
 from peft_singlora import setup_singlora, update_singlora_global_step
 from torch import nn
 
 import lora_lite as ll
-import tiny
 from lora_lite.variants.singlora import STEP_0
 
 SHAPES = {"sq": (8, 8), "wide": (8, 12), "tall": (12, 8)}  # name: (d_in, d_out)

@@ -3,13 +3,13 @@ import re
 from types import SimpleNamespace
 
 import pytest
+import tiny
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 import lora_lite as ll
-import tiny
 
 LLAMA_ROLES = {"q_proj": "reader", "k_proj": "reader", "v_proj": "reader", "gate_proj": "reader",
                "up_proj": "reader", "o_proj": "writer", "down_proj": "writer"}

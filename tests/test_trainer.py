@@ -2,13 +2,18 @@
 adapter file in every checkpoint, and a bitsandbytes 4-bit base trains through allow_quantized_training.
 """
 import pytest
+import tiny
 import torch
-from transformers import BitsAndBytesConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from tiny import VOCAB, llama
+from transformers import (
+    BitsAndBytesConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
+)
 
 import lora_lite as ll
-import tiny
 from lora_lite.hf import SaveAdapterCallback, allow_quantized_training
-from test_architectures import VOCAB, llama
 
 IDS = torch.randint(0, VOCAB, (8, 8), generator=torch.Generator().manual_seed(0))
 DATA = [{"input_ids": row, "labels": row} for row in IDS]

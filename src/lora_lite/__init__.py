@@ -3,20 +3,24 @@
     import lora_lite as ll
     handle = ll.attach(model, ll.LoRAConfig(r=8, alpha=16))
 """
-__version__ = "0.1.0"
-
-from .adapter import (Handle, adapted_layers, attach, attached, detach, load, merge, read,  # noqa: E402
-                      save, set_step, summary, track_steps)
-from .config import AdapterConfig, from_dict  # noqa: E402
-from .variant import REGISTRY, ParamSpec, register  # noqa: E402
-from .variants.lora import LoRAConfig  # noqa: E402
-from .variants.delora import DeLoRAConfig  # noqa: E402
-from .variants.pissa import PiSSAConfig  # noqa: E402
-from .variants.gralora import GraLoRAConfig  # noqa: E402
-from .variants.singlora import SingLoRAConfig  # noqa: E402
+from .adapter_file import read, save
+from .config import AdapterConfig, from_dict
+from .lifecycle import Handle, attach, attached, detach
+from .loader import load
+from .merge import merge
+from .schedule import set_step, track_steps
+from .state import adapted_layers
+from .summary import summary
+from .variant import REGISTRY, ParamSpec, Variant, register
+from .variants.delora import DeLoRAConfig
+from .variants.gralora import GraLoRAConfig
+from .variants.lora import LoRAConfig
+from .variants.pissa import PiSSAConfig
+from .variants.singlora import SingLoRAConfig
+from .version import __version__
 
 __all__ = [
-    "AdapterConfig", "Handle", "LoRAConfig", "ParamSpec", "REGISTRY", "adapted_layers", "attach", "attached",
-    "detach", "from_dict", "load", "merge", "read", "register", "save", "set_step", "summary", "track_steps",
-    "DeLoRAConfig", "PiSSAConfig", "GraLoRAConfig", "SingLoRAConfig",
+    "AdapterConfig", "Handle", "LoRAConfig", "ParamSpec", "REGISTRY", "Variant", "adapted_layers", "attach",
+    "attached", "detach", "from_dict", "load", "merge", "read", "register", "save", "set_step", "summary",
+    "track_steps", "DeLoRAConfig", "PiSSAConfig", "GraLoRAConfig", "SingLoRAConfig", "__version__",
 ]

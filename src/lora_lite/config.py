@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,6 +25,7 @@ DTYPES = {
 }
 
 CONFIGS: dict[str, type["AdapterConfig"]] = {}  # variant name -> config class, filled by @register
+INT64_MAX = 2**63 - 1  # every int field ends up in an int64 tensor or index: larger values overflow later
 
 
 @dataclass
@@ -46,6 +48,7 @@ class AdapterConfig:
             self.dtype = _dtype(self.dtype)
         if self.dtype not in DTYPES.values():
             raise TypeError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        self._check_ints()
         check_int("r", self.r, 1)
         check_number("alpha", self.alpha)
         check_number("dropout", self.dropout)
@@ -74,6 +77,16 @@ class AdapterConfig:
             if any(isinstance(i, bool) or not isinstance(i, int) for i in self.layers):
                 raise TypeError(f"layers must be ints, got {self.layers!r}")
 
+    def _check_ints(self) -> None:
+        """Every int field of every variant's config is an int in [0, 2**63 - 1] (None where allowed)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if hints[f.name] in (int, int | None) and not (value is None and hints[f.name] is not int):
+                check_int(f.name, value, 0)
+            if hints[f.name] is bool and not isinstance(value, bool):
+                raise TypeError(f"{f.name} must be True or False, got {value!r}")
+
     def to_dict(self) -> dict[str, Any]:
         d = {"variant": self.variant}
         for f in dataclasses.fields(self):
@@ -86,10 +99,12 @@ class AdapterConfig:
         return d
 
 
-def check_int(name: str, value: Any, minimum: int) -> None:
-    """Raise unless `value` is an int (a bool is not) of at least `minimum`; the message names the field."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+def check_int(name: str, value: Any, minimum: int, maximum: int = INT64_MAX) -> None:
+    """Raise unless `value` is an int (a bool is not) in [minimum, maximum]; the message names the field."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        big = isinstance(value, int) and value.bit_length() > 64  # str() of a 5,000-digit int raises
+        shown = f"an int of {value.bit_length()} bits" if big else repr(value)[:80]
+        raise ValueError(f"{name} must be an int in [{minimum}, {maximum}], got {shown}")
 
 
 def check_number(name: str, value: Any) -> None:
@@ -112,8 +127,8 @@ def from_dict(d: dict[str, Any]) -> AdapterConfig:
         raise TypeError(f"config must be a dict, got {type(d).__name__}")
     d = dict(d)
     name = d.pop("variant", None)
-    if name not in CONFIGS:
-        raise ValueError(f"unknown variant {name!r}; registered: {sorted(CONFIGS)}")
+    if not isinstance(name, str) or name not in CONFIGS:
+        raise ValueError(f"unknown variant {name!r:.80}; registered: {sorted(CONFIGS)}")
     cls = CONFIGS[name]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)

@@ -17,8 +17,9 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .adapter import adapted_layers, save
-from .target import unwrap
+from .adapter_file import save
+from .state import adapted_layers
+from .wrappers import unwrap
 
 PEFT_FLAG = "_hf_peft_config_loaded"
 

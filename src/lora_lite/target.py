@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .weights import dims, is_linear_like
+from .wrappers import unwrap
 
 WRITER_NAMES = {"o_proj", "out_proj", "down_proj", "c_proj", "dense", "fc2", "w2", "wo", "out"}
 READER_NAMES = {"q_proj", "k_proj", "v_proj", "c_attn", "query", "key", "value", "qkv", "qkv_proj",
@@ -31,17 +32,6 @@ class Target:
 
     def describe(self) -> str:
         return f"{self.name} ({self.role or 'square?'} {self.d_in}->{self.d_out})"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module users think of: strips torch.compile's OptimizedModule and DDP/DataParallel's `.module`."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and hasattr(model, "module"):
-            model = model.module
-        else:
-            return model
 
 
 def d_model_of(model: nn.Module) -> int:
@@ -129,3 +119,8 @@ def select(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
                          f"target_names={cfg.target_names}, exclude_names={cfg.exclude_names}, "
                          f"layers={cfg.layers}). Candidates:\n  {_listing(all_)}")
     return pool
+
+
+def pattern_hits(targets: list[Target], cfg: AdapterConfig) -> dict[str, int]:
+    """How many of `targets` each of the user's target_names patterns selected (for ll.summary)."""
+    return {p: sum(1 for t in targets if re.search(p, t.name)) for p in cfg.target_names}

@@ -1,12 +1,12 @@
-"""The variant contract: ParamSpec, the registry, and small helpers variants share.
+"""The variant contract: ParamSpec, the Variant base class, the registry, and the math variants share.
 
-A variant is a class of static methods (no state): `param_specs`, `forward`, and
-optionally `init`, `group_init`, `delta_weight`, `on_step`. Its tensors live on
-the target layer as `lora_*` parameters and buffers. See DESIGN.md.
+A variant is a subclass of `Variant` made of static methods (no state): `param_specs` and `forward` are
+required; `init`, `group_init`, `delta_weight`, `on_step`, `on_schedule`, `dead_reason` and `check_tensors` have
+defaults here, so the runtime calls every contract point on every variant without probing for it. Its
+tensors live on the target layer as `lora_*` parameters and buffers (docs/design.md).
 
-`forward(layer, x, y)` gets x and y in the adapter's dtype and returns the new output. It may
-write into y: the runtime hands it a y that nothing else holds (a copy when another hook saw it
-first), which saves allocating a second (..., d_out) tensor per call.
+`forward(layer, x, y)` gets x and y in the adapter's dtype and returns the new output. It may write into y:
+nothing else holds it (the hook copies it when another hook saw it first), which `add_low_rank` uses.
 """
 from __future__ import annotations
 
@@ -36,6 +36,70 @@ class ParamSpec:
     dtype: torch.dtype | None = None
 
 
+class Variant:
+    """The contract with its defaults. Subclass it, set `name` and `config`, and decorate with `@register`."""
+
+    name: str = ""
+    config: type[AdapterConfig] = AdapterConfig
+
+    @staticmethod
+    def param_specs(d_in: int, d_out: int, cfg) -> dict[str, ParamSpec]:
+        raise NotImplementedError
+
+    @staticmethod
+    def forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def init(layer: nn.Module, cfg) -> None:
+        """Fill the layer's tensors beyond their ParamSpec init; may read the base weight (weights.py)."""
+
+    @staticmethod
+    def group_init(model: nn.Module, targets: list, cfg, calibration_data) -> None:
+        """Data-calibrated init over all targets at once (capture_inputs helps)."""
+
+    @staticmethod
+    def delta_weight(layer: nn.Module) -> torch.Tensor:
+        """The dense (d_out, d_in) update, for merge."""
+        raise TypeError(f"variant {layer.lora_variant.name} has no delta_weight: it cannot be merged")
+
+    @staticmethod
+    def on_step(layer: nn.Module, step: int | None) -> None:
+        """The training step: an int sets it, None advances it by one (after an optimizer step)."""
+
+    @staticmethod
+    def on_schedule(layer: nn.Module) -> None:
+        """The user now drives the step (ll.track_steps or ll.set_step)."""
+
+    @staticmethod
+    def dead_reason(layer: nn.Module) -> str | None:
+        """After init: why this layer's adapter can never learn (e.g. it read an all-zero weight), else None."""
+        return None
+
+    @staticmethod
+    def check_tensors(tensors: dict[str, torch.Tensor], cfg) -> list[str]:
+        """Invariants of one layer's tensors read from a file: the names of those that break them."""
+        return []
+
+
+REGISTRY: dict[str, type[Variant]] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: add a Variant subclass to REGISTRY and tie its config class to its name."""
+    if not (isinstance(cls, type) and issubclass(cls, Variant)):
+        raise TypeError(f"{getattr(cls, '__name__', cls)!r} must subclass lora_lite.Variant")
+    for attr in ("param_specs", "forward"):
+        if getattr(cls, attr) is getattr(Variant, attr):
+            raise TypeError(f"variant {cls.__name__} lacks required method {attr!r}")
+    if not cls.name or not (isinstance(cls.config, type) and issubclass(cls.config, AdapterConfig)):
+        raise TypeError(f"variant {cls.__name__} needs a name and a config subclassing AdapterConfig")
+    cls.config.variant = cls.name
+    REGISTRY[cls.name] = cls
+    CONFIGS[cls.name] = cls.config
+    return cls
+
+
 def zeros(t: torch.Tensor) -> None:
     nn.init.zeros_(t)
 
@@ -51,20 +115,30 @@ def dropout(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.dropout(x, p, True) if p and layer.training else x
 
 
-REGISTRY: dict[str, type] = {}
+@dataclass
+class ScaledConfig(AdapterConfig):
+    """A config scaled as LoRA is: s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023, arXiv 2312.03732)."""
+
+    use_rslora: bool = False
+
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-def register(cls: type) -> type:
-    """Class decorator: add a variant to REGISTRY and tie its config class to its name."""
-    for attr in ("name", "config", "param_specs", "forward"):
-        if not hasattr(cls, attr):
-            raise TypeError(f"variant {cls.__name__} lacks required attribute {attr!r}")
-    if not issubclass(cls.config, AdapterConfig):
-        raise TypeError(f"{cls.__name__}.config must subclass AdapterConfig")
-    cls.config.variant = cls.name
-    REGISTRY[cls.name] = cls
-    CONFIGS[cls.name] = cls.config
-    return cls
+def add_low_rank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """y + s · h Bᵀ as one fused matmul-add, written into y; h is (..., r), B is (d_out, r).
+
+    The sum goes into y in place: no new (..., d_out) tensor, which on CPU costs more than the
+    low-rank product itself. Autocast does not cast in-place ops, and compilers fuse on their own:
+    those take the out-of-place addmm.
+    """
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(y.device.type) or y.dim() not in (2, 3):
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
+        return out.view(y.shape)
+    h = h.reshape(*y.shape[:-1], h.shape[-1])
+    if y.dim() == 2:
+        return y.addmm_(h, B.t(), alpha=s)
+    return y.baddbmm_(h, B.t().expand(y.shape[0], -1, -1), alpha=s)  # no view of y: autograd stays cheap
 
 
 def run_batches(model: nn.Module, data: Iterable) -> None:

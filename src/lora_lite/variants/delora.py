@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from ..config import AdapterConfig, check_number
-from ..variant import ParamSpec, dropout, kaiming, register, zeros
+from ..variant import ParamSpec, Variant, add_low_rank, dropout, kaiming, register, zeros
 from ..weights import dense_weight
-from .lora import add_low_rank
 
 
 @dataclass
@@ -44,7 +43,7 @@ def _scaled_A(layer):
 
 
 @register
-class DeLoRA:
+class DeLoRA(Variant):
     name = "delora"
     config = DeLoRAConfig
 
@@ -66,3 +65,11 @@ class DeLoRA:
     @staticmethod
     def delta_weight(layer):
         return layer.lora_B @ _scaled_A(layer)
+
+    @staticmethod
+    def dead_reason(layer):
+        return None if layer.lora_wnorm.any() else "the weight is all zero, so its column norms zero every gradient"
+
+    @staticmethod
+    def check_tensors(tensors, cfg):
+        return ["lora_wnorm"] if bool((tensors["lora_wnorm"] < 0).any()) else []  # a norm is never negative

@@ -1,0 +1,60 @@
+"""The forward hooks attach adds: the adapter hook on each target layer, and the input-gradient hook on
+the input embedding that makes reentrant gradient checkpointing train the adapters.
+
+Both are module-level functions that read everything from the module they run on (no closures), so
+`copy.deepcopy` of a hooked model is an independent, working copy, and both are found by identity on
+removal, so no handle needs keeping.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
+
+from .state import ADDED
+
+
+def adapter_hook(layer: nn.Module, args: tuple, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
+    """Run the layer's variant on its input and output; the layer's own forward is untouched."""
+    x = args[0] if args else next(iter(kwargs.values()))  # whatever the input is called (Conv1D: `x`)
+    # the adapter computes in its parameters' dtype: cfg.dtype at attach, or what model.to(...) made of it
+    added = layer.__dict__[ADDED]
+    dtype = next((p.dtype for k, p in layer._parameters.items() if k in added), layer.lora_config.dtype)
+    # Variants add into y in place (add_low_rank). y is fresh from the layer unless a hook ran before ours
+    # and may hold it (a tracer, FSDP), or it is a view (Conv1D, bitsandbytes' autograd Function, where
+    # autograd forbids or slows in-place writes): then they get a copy. Compiled graphs add out of place.
+    shared = not torch.compiler.is_compiling() and (
+        y._is_view() or bool(_global_forward_hooks) or next(iter(layer._forward_hooks.values())) is not adapter_hook)
+    return layer.lora_variant.forward(layer, x.to(dtype), y.to(dtype, copy=shared)).to(y.dtype)
+
+
+def inputs_require_grad(embedding: nn.Module, args: tuple, out: torch.Tensor) -> None:
+    """Forward hook on the input embedding of a model that has `get_input_embeddings` (transformers).
+
+    Reentrant gradient checkpointing (`use_reentrant=True`) records a block only when one of its
+    inputs requires grad; with the whole base frozen none does, so the adapters inside it would
+    silently get no gradient. Marking the embedding output makes that work whether checkpointing is
+    enabled before or after attach. It is what transformers' `enable_input_require_grads` does, but
+    only while a block checkpoints (marking costs the first block's input gradients, ~3% of a train
+    step). Skipped while dynamo traces: it would be a graph break.
+    """
+    if (torch.is_grad_enabled() and isinstance(out, torch.Tensor) and not out.requires_grad
+            and any(m.gradient_checkpointing for m in embedding.lora_checkpointable)
+            and not torch.compiler.is_compiling()):
+        out.requires_grad_(True)
+
+
+def input_embeddings(root: nn.Module) -> nn.Module | None:
+    get = getattr(root, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except NotImplementedError:
+        return None
+    return embedding if isinstance(embedding, nn.Module) else None
+
+
+def remove_hooks(module: nn.Module, fn) -> None:
+    """Remove every forward hook `fn` from `module` (torch keeps no public way to find a hook by function)."""
+    for key in [k for k, f in module._forward_hooks.items() if f is fn]:
+        for hooks in (module._forward_hooks, module._forward_hooks_with_kwargs, module._forward_hooks_always_called):
+            hooks.pop(key, None)
