@@ -419,7 +419,7 @@ def lm_lr_matters(s: Scale, run, out: str) -> list[dict]:
     plot = plots.lr_sweep(out, s.lm_lrs, {v: list(zip(*[[x["loss"] for x in runs[v][lr]] for lr in s.lm_lrs]))
                                           for v in VARIANTS},
                           {v: [any(x["loss"] == math.inf for x in runs[v][lr]) for lr in s.lm_lrs]
-                           for v in VARIANTS}, "held-out loss (shifted text)", "lm_lr.png")
+                           for v in VARIANTS}, "held-out loss (shifted text)", "lm_lr.png", ylog=False)
     setup = f"{lm_setup(s)}; every block projection (q, k, v, o, gate, up, down), r = {s.lm_r}, lr {list(s.lm_lrs)}"
     return [entry("lr_matters_lm", "Once the learning rate is tuned per method, LoRA variants land within 1-2%",
                   "Learning Rate Matters, arXiv 2602.04998: tuned peak performance of LoRA variants", setup,

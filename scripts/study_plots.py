@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -42,16 +43,17 @@ def convergence(out, curves: dict, ranks, variants) -> str:
     return save(fig, out, "pissa_convergence.png")
 
 
-def lr_sweep(out, lrs, losses: dict, diverged: dict, ylabel: str, name: str) -> str:
-    """Held-out loss against learning rate, one line per variant; x marks where a seed diverged."""
+def lr_sweep(out, lrs, losses: dict, diverged: dict, ylabel: str, name: str, ylog: bool = True) -> str:
+    """Held-out loss against learning rate, one line per variant; x marks (one row each) where a seed diverged."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for v, runs in losses.items():
         band(ax, lrs, runs, v, COLORS[v], marker=".")
-    ax.set(xscale="log", yscale="log", xlabel="learning rate (AdamW)", ylabel=ylabel)
-    top = ax.get_ylim()[1]
-    for v in losses:
+    ax.set(xscale="log", yscale="log" if ylog else "linear", xlabel="learning rate (AdamW)", ylabel=ylabel)
+    lo, hi = ax.get_ylim()
+    for i, v in enumerate(losses):
         bad = [lr for lr, n in zip(lrs, diverged[v]) if n]
-        ax.plot(bad, [top] * len(bad), "x", color=COLORS[v], clip_on=False)
+        y = hi / 1.8 ** i if ylog else hi - i * (hi - lo) / 30
+        ax.plot(bad, [y] * len(bad), "x", color=COLORS[v])
     ax.legend(fontsize=8)
     return save(fig, out, name)
 
@@ -77,6 +79,7 @@ def rank_gains(out, ranks, errors: dict, floor) -> str:
     ax.plot(ranks, floor, ":", color="gray", label="best rank-r update (SVD)")
     ax.set(xscale="log", yscale="log", xlabel="rank r", ylabel="error on ordinary channels (held-out)")
     ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # the log axis would label 20, 30, ... too
     ax.legend(fontsize=8)
     return save(fig, out, "gralora_rank.png")
 
