@@ -25,3 +25,7 @@ support-matrix *ARGS:
 # speed and memory against the frozen base and the reference implementations
 bench *ARGS:
     python scripts/bench.py {{ARGS}}
+
+# each variant's paper claim tested at CPU scale: verdicts, numbers and plots in results/study (docs/study.md)
+study *ARGS:
+    python scripts/study.py --out results/study {{ARGS}}
