@@ -33,6 +33,34 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def train(ddp, opt, vocab, args, device, rank, world) -> None:
+    """Each rank trains on its share of the global batch; rank 0 prints the mean loss."""
+    ids = rm.windows(rm.text_ids(), batch=args.batch * world, seq=64).remainder(vocab).to(device)
+    local = ids.chunk(world)[rank]  # this rank's share of the global batch
+    for step in range(args.steps):
+        opt.zero_grad()
+        loss = ddp(input_ids=local, labels=local).loss
+        loss.backward()  # DDP averages the adapter gradients over ranks here
+        opt.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        if rank == 0:
+            print(f"step {step}  loss {mean.item() / world:.4f}", flush=True)
+
+
+def report(ddp, out, rank, world) -> None:
+    """Every rank's adapter checksum must agree (gradients were synced); rank 0 saves the adapter."""
+    checksum = torch.stack([p.detach().double().sum() for p in ddp.parameters() if p.requires_grad]).sum()
+    sums = [torch.zeros_like(checksum) for _ in range(world)]
+    dist.all_gather(sums, checksum)
+    if rank == 0:
+        ll.save(ddp, out)  # canonical keys: DDP's `module.` prefix is stripped
+        same = all(torch.equal(s, sums[0]) for s in sums)
+        print(f"{world} ranks {'in sync' if same else 'DIVERGED'}; saved {out}")
+        if not same:
+            raise SystemExit(1)
+
+
 def main(argv=None) -> None:
     args = parse(argv)
     cuda = torch.cuda.is_available()
@@ -54,28 +82,8 @@ def main(argv=None) -> None:
         opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=args.lr)
         ll.track_steps(opt, ddp)
 
-        vocab = model.config.vocab_size
-        ids = rm.windows(rm.text_ids(), batch=args.batch * world, seq=64).remainder(vocab).to(device)
-        local = ids.chunk(world)[rank]  # this rank's share of the global batch
-        for step in range(args.steps):
-            opt.zero_grad()
-            loss = ddp(input_ids=local, labels=local).loss
-            loss.backward()  # DDP averages the adapter gradients over ranks here
-            opt.step()
-            mean = loss.detach().clone()
-            dist.all_reduce(mean)
-            if rank == 0:
-                print(f"step {step}  loss {mean.item() / world:.4f}", flush=True)
-
-        checksum = torch.stack([p.detach().double().sum() for p in ddp.parameters() if p.requires_grad]).sum()
-        sums = [torch.zeros_like(checksum) for _ in range(world)]
-        dist.all_gather(sums, checksum)
-        if rank == 0:
-            ll.save(ddp, args.out)  # canonical keys: DDP's `module.` prefix is stripped
-            same = all(torch.equal(s, sums[0]) for s in sums)
-            print(f"{world} ranks {'in sync' if same else 'DIVERGED'}; saved {args.out}")
-            if not same:
-                raise SystemExit(1)
+        train(ddp, opt, model.config.vocab_size, args, device, rank, world)
+        report(ddp, args.out, rank, world)
         dist.barrier()
     finally:
         dist.destroy_process_group()
