@@ -29,3 +29,7 @@ bench *ARGS:
 # each variant's paper claim tested at CPU scale: verdicts, numbers and plots in results/study (docs/study.md)
 study *ARGS:
     python scripts/study.py --out results/study {{ARGS}}
+
+# export every variant as a PEFT adapter folder (both forms), load it with PEFT, print the errors (exit 1 over 1e-5)
+peft-roundtrip *ARGS:
+    python scripts/peft_roundtrip.py {{ARGS}}

@@ -1,4 +1,5 @@
-"""Shared pieces of the real-model checks (qwen_probe.py, smoke.py): a tiny Qwen3, byte tokens, a training loop.
+"""Shared pieces of the real-model checks (qwen_probe.py, smoke.py, peft_roundtrip.py): tiny Qwen3, Llama and
+GPT-2 models, byte tokens, a training loop.
 
 Nothing here downloads: the default model is a transformers `Qwen3ForCausalLM` built from a config with random
 weights, and text is tokenized byte by byte (vocab 256), so the checks run offline in seconds on a CPU.
@@ -45,6 +46,27 @@ def tiny_qwen3(vocab: int = 256, hidden: int = 64, layers: int = 2, seed: int = 
                       num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
                       max_position_embeddings=512, tie_word_embeddings=False)
     return Qwen3ForCausalLM(cfg).eval()
+
+
+def tiny_llama(vocab: int = 256, hidden: int = 64, layers: int = 2, seed: int = 0) -> nn.Module:
+    """A LlamaForCausalLM with random weights: 4 query heads of 16, 2 KV heads (q 64->64, k/v 64->32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(vocab: int = 256, hidden: int = 64, layers: int = 2, seed: int = 0) -> nn.Module:
+    """A GPT2LMHeadModel with random weights: its attention and MLP layers are transformers' Conv1D."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
 
 
 def text_ids(tokenizer=None, path: str = TEXT) -> list[int]:

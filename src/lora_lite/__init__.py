@@ -8,6 +8,7 @@ from .config import AdapterConfig, from_dict
 from .lifecycle import Handle, attach, attached, detach
 from .loader import load
 from .merge import merge
+from .peft_format import export_peft
 from .schedule import set_step, track_steps
 from .state import adapted_layers
 from .summary import summary
@@ -21,6 +22,6 @@ from .version import __version__
 
 __all__ = [
     "AdapterConfig", "Handle", "LoRAConfig", "ParamSpec", "REGISTRY", "Variant", "adapted_layers", "attach",
-    "attached", "detach", "from_dict", "load", "merge", "read", "register", "save", "set_step", "summary",
+    "attached", "detach", "export_peft", "from_dict", "load", "merge", "read", "register", "save", "set_step", "summary",
     "track_steps", "DeLoRAConfig", "PiSSAConfig", "GraLoRAConfig", "SingLoRAConfig", "__version__",
 ]

@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import tempfile
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -47,7 +48,11 @@ def metadata(cfg: AdapterConfig, tensors: dict[str, torch.Tensor], targets: list
 
 
 def write_atomic(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str) -> None:
-    """Write through a short hidden temp name in the same folder, then rename: the old file stays whole."""
+    replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def replace_atomically(path: str, write: Callable[[str], object]) -> None:
+    """`write(tmp)` to a short hidden temp name in the same folder, then rename: the old file stays whole."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         # hidden, and short enough for a 255-byte name limit whatever the length of the file's own name
@@ -56,7 +61,7 @@ def write_atomic(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: s
         raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -98,7 +103,8 @@ def _json(path: str, meta: dict, field: str):
         raise ValueError(f"{path}: malformed metadata JSON in field {field!r}: {str(e)[:200]}") from None
 
 
-def _open(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def open_safetensors(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a regular safetensors file; anything else is a ValueError naming the path."""
     mode = os.stat(path).st_mode  # FileNotFoundError passes through as it is
     if not stat.S_ISREG(mode):
         raise ValueError(f"{path} is not a regular file (a folder, a FIFO or a device): give an adapter file")
@@ -112,7 +118,7 @@ def _open(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 def read(path: str | os.PathLike) -> tuple[AdapterConfig, list[str], dict[str, torch.Tensor]]:
     """Parse an adapter file: (config, target module names, tensors by file key). Executes nothing."""
     path = _path(path)
-    meta, tensors = _open(path)
+    meta, tensors = open_safetensors(path)
     if "config" not in meta or "targets" not in meta:
         raise ValueError(f"{path} has no lora-lite metadata (config, targets): not a lora-lite adapter file")
     cfg_dict, names = _json(path, meta, "config"), _json(path, meta, "targets")

@@ -16,6 +16,7 @@ from torch import nn
 from .adapter_file import listing, read
 from .config import AdapterConfig
 from .lifecycle import Handle, install, layer_specs, prepare, rollback, variant_for
+from .peft_format import is_peft_adapter, read_peft
 from .state import full_key, lora_tensors
 from .target import Target, candidates
 from .variant import ParamSpec, Variant
@@ -89,13 +90,14 @@ def fill(targets: list[Target], tensors: dict[str, torch.Tensor]) -> None:
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> Handle:
-    """Attach the adapter saved in `path` and load its tensors strictly. Never runs init or group_init.
+    """Attach the adapter saved in `path` (a lora-lite file, or a PEFT adapter folder: peft_format) and load its
+    tensors strictly. Never runs init or group_init.
 
     On any error (unreadable file, another architecture, missing / unexpected / mis-shaped / invalid
     tensors) the model is left exactly as it was.
     """
     root = prepare(model)
-    cfg, names, tensors = read(path)
+    cfg, names, tensors = read_peft(path, root) if is_peft_adapter(path) else read(path)
     variant = variant_for(cfg)
     targets = targets_named(root, names, os.fspath(path))
     specs = layer_specs(variant, targets, cfg)

@@ -1,9 +1,9 @@
 """The variant contract: ParamSpec, the Variant base class, the registry, and the math variants share.
 
 A variant is a subclass of `Variant` made of static methods (no state): `param_specs` and `forward` are
-required; `init`, `group_init`, `delta_weight`, `on_step`, `on_schedule`, `dead_reason` and `check_tensors` have
-defaults here, so the runtime calls every contract point on every variant without probing for it. Its
-tensors live on the target layer as `lora_*` parameters and buffers (docs/design.md).
+required; `init`, `group_init`, `delta_weight`, `lora_factors`, `on_step`, `on_schedule`, `dead_reason` and
+`check_tensors` have defaults here, so the runtime calls every contract point on every variant without probing
+for it. Its tensors live on the target layer as `lora_*` parameters and buffers (docs/design.md).
 
 `forward(layer, x, y)` gets x and y in the adapter's dtype and returns the new output. It may write into y:
 nothing else holds it (the hook copies it when another hook saw it first), which `add_low_rank` uses.
@@ -62,6 +62,12 @@ class Variant:
     def delta_weight(layer: nn.Module) -> torch.Tensor:
         """The dense (d_out, d_in) update, for merge."""
         raise TypeError(f"variant {layer.lora_variant.name} has no delta_weight: it cannot be merged")
+
+    @staticmethod
+    def lora_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The update as one plain LoRA: (A′ (r′, d_in), B′ (d_out, r′), s) with s B′ A′ = delta_weight,
+        for ll.export_peft."""
+        raise TypeError(f"variant {layer.lora_variant.name} has no lora_factors: it cannot be exported as a LoRA")
 
     @staticmethod
     def on_step(layer: nn.Module, step: int | None) -> None:

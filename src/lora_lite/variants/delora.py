@@ -67,6 +67,10 @@ class DeLoRA(Variant):
         return layer.lora_B @ _scaled_A(layer)
 
     @staticmethod
+    def lora_factors(layer):
+        return _scaled_A(layer), layer.lora_B, 1.0
+
+    @staticmethod
     def dead_reason(layer):
         return None if layer.lora_wnorm.any() else "the weight is all zero, so its column norms zero every gradient"
 

@@ -77,3 +77,7 @@ class GraLoRA(Variant):
     def delta_weight(layer):
         At, Bt = lora_factors(layer)
         return scale(layer.lora_config) * (Bt @ At)
+
+    @staticmethod
+    def lora_factors(layer):
+        return *lora_factors(layer), scale(layer.lora_config)  # the module-level factors, with their scale

@@ -41,3 +41,7 @@ class LoRA(Variant):
     @staticmethod
     def delta_weight(layer):
         return layer.lora_config.scale() * (layer.lora_B @ layer.lora_A)
+
+    @staticmethod
+    def lora_factors(layer):
+        return layer.lora_A, layer.lora_B, layer.lora_config.scale()

@@ -67,6 +67,13 @@ class SingLoRA(Variant):
         return (ramp(layer) * cfg.alpha / cfg.r) * (A[:d_out] @ A[:d_in].t())
 
     @staticmethod
+    def lora_factors(layer):
+        """The current ramp is folded into B: the schedule itself does not travel."""
+        d_in, d_out = dims(layer)
+        A, cfg = layer.lora_A, layer.lora_config
+        return A[:d_in].t(), A[:d_out] * ramp(layer), cfg.alpha / cfg.r
+
+    @staticmethod
     def on_step(layer, step):
         t = layer.lora_step  # advancing stops at the int64 maximum instead of wrapping negative (no host sync)
         t.add_(t < INT64_MAX) if step is None else t.fill_(step)
