@@ -91,8 +91,9 @@ def main(argv=None) -> int:
                 row = roundtrip(base, name, ids, args.steps, args.lr, tmp)
                 (nt, ne), (lt, le), ie = row["native"], row["lora"], row["import"]
                 worst = max(worst, ne, le, ie, 0.0 if row["same_targets"] else float("inf"))
-                print(f"{arch:<6} {name:<9} {row['effect']:<16.1e} {ne:.1e} ({nt}){'':<{19 - len(nt)}} {le:.1e} ({lt}){'':<{13 - len(lt)}}"
-                      f" {ie:.1e}{'' if row['same_targets'] else '  PEFT adapted other modules'}", flush=True)
+                native, plain = f"{ne:.1e} ({nt})", f"{le:.1e} ({lt})"
+                print(f"{arch:<6} {name:<9} {row['effect']:<16.1e} {native:<30} {plain:<24} {ie:.1e}"
+                      f"{'' if row['same_targets'] else '  PEFT adapted other modules'}", flush=True)
     print("OK" if worst <= TOL else f"FAIL: an error of {worst:.1e} is over {TOL}")
     return 0 if worst <= TOL else 1
 

@@ -248,14 +248,19 @@ def test_dora_and_other_features_are_refused_by_field(bases, tmp_path):
     _refused(base, _saved(base, tmp_path / "dora", LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)),
              r"use_dora=True \(lora-lite has no DoRA\)")
     folder = _saved(base, tmp_path / "lora", LoraConfig(r=2, target_modules=["q_proj"]))
-    for fields, match in [({"rank_pattern": {"q_proj": 4}}, "rank_pattern="), ({"bias": "all"}, "bias='all'"),
+    for fields, match, *error in [({"rank_pattern": {"q_proj": 4}}, "rank_pattern="), ({"bias": "all"}, "bias='all'"),
                           ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
                           ({"modules_to_save": ["lm_head"]}, "modules_to_save="),
                           ({"some_future_field": 3}, "some_future_field=3"),
-                          ({"target_modules": None}, "target_modules is missing")]:
+                          ({"target_modules": None}, "target_modules is missing"),
+                          ({"lora_bias": True}, "lora_bias=True"), ({"r": 0}, "r must be an int >= 1"),
+                          ({"use_rslora": "yes"}, "use_rslora must be true or false", TypeError),
+                          ({"lora_alpha": "8"}, "lora_alpha must be a number", TypeError),
+                          ({"target_modules": "q_proj("}, "is not a valid regex"),
+                          ({"layers_to_transform": "1"}, "layers_to_transform must be an int or a list", TypeError)]:
         original = config_of(folder)
         _edit_config(folder, **fields)
-        _refused(base, folder, match)
+        _refused(base, folder, match, *error)
         with open(os.path.join(folder, "adapter_config.json"), "w") as f:
             json.dump(original, f)
     ll.load(copy.deepcopy(base), folder)  # the restored folder itself loads
@@ -280,6 +285,9 @@ def test_keys_on_no_module_and_missing_keys_are_refused(bases, tmp_path):
     _edit_keys(folder, lambda t: t | {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector":
                                       torch.ones(64)})
     _refused(base, folder, "keys that are not LORA adapter tensors")
+    folder = _saved(base, tmp_path / "d", LoraConfig(r=2, target_modules=["q_proj"]))
+    _edit_keys(folder, lambda t: {k: v.to(torch.int32) if k.endswith("lora_A.weight") else v for k, v in t.items()})
+    _refused(base, folder, "the lora_A tensors must share one float dtype")
 
 
 def test_adapter_for_another_architecture_is_refused(bases, tmp_path):
