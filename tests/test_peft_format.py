@@ -57,7 +57,8 @@ def test_every_variant_round_trips_through_peft(bases, ids, arch, variant_name, 
     assert row["effect"] > 0.05  # training moved the outputs: the comparisons below are not vacuous
     assert row["native"][1] <= TOL and row["lora"][1] <= TOL and row["import"] <= TOL, row
     r_lora = {"pissa": 16, "gralora": 16}.get(variant_name, 8)  # rank 2r; k r (+ hybrid_r = 0)
-    assert row["native"][0] == f"{NATIVE.get((arch, variant_name), 'LORA')} r={r_lora if variant_name == 'pissa' else 8}"
+    r_native = 16 if variant_name == "pissa" else 8
+    assert row["native"][0] == f"{NATIVE.get((arch, variant_name), 'LORA')} r={r_native}"
     assert row["lora"][0] == f"LORA r={r_lora}"
     native, plain = config_of(tmp_path / f"{variant_name}-native"), config_of(tmp_path / f"{variant_name}-lora")
     assert row["same_targets"]  # PEFT adapted exactly our modules, in both forms (a module it added would be 0)
