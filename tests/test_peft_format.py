@@ -121,6 +121,25 @@ def rel(got, want) -> float:
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
+@pytest.mark.filterwarnings("ignore:PiSSA changes the base weights")
+def test_peft_pissa_converted_to_lora_imports_exactly(bases, ids, tmp_path):
+    """PEFT's PiSSA, converted by PEFT for the unmodified base (rank 2r), gives PEFT's PiSSA outputs here."""
+    ref = get_peft_model(copy.deepcopy(bases["llama"]), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                   init_lora_weights="pissa"))
+    ref.peft_config["default"].init_lora_weights = True  # PEFT's recipe: save the initial factors as a LoRA
+    ref.save_pretrained(tmp_path / "init")
+    ref.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    want = rm.logits(ref, ids)  # on PEFT's residual base W - s B0 A0
+    ref.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    model = copy.deepcopy(bases["llama"])
+    assert ll.load(model, tmp_path / "lora").config.r == 8
+    assert rel(rm.logits(model, ids), want) <= TOL
+
+
 def test_gpt2_conv1d_adapter_from_peft(bases, ids, tmp_path):
     """PEFT's orientation on Conv1D (fan_in_fan_out): A is (r, d_in), B (d_out, r), as on nn.Linear."""
     ref = _peft_twin(bases["gpt2"], LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))

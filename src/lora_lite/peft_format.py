@@ -87,6 +87,10 @@ def _uniform(values: list, what: str):
     return values[0]
 
 
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x  # PEFT writes these fields as ints, and vLLM reads them so
+
+
 def _as_lora(layers, cfg: AdapterConfig, fold: bool) -> tuple[dict, dict]:
     """Every layer as the LoRA pair its variant's `lora_factors` gives; `fold`: scale into B, lora_alpha = r."""
     tensors, ranks, scales = {}, [], []
@@ -104,8 +108,7 @@ def _as_lora(layers, cfg: AdapterConfig, fold: bool) -> tuple[dict, dict]:
         alpha = cfg.alpha * (math.sqrt(r / cfg.r) if rslora else r / cfg.r)
     else:
         alpha = s * r
-    alpha = int(alpha) if float(alpha).is_integer() else alpha  # PEFT and vLLM write and expect ints
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rslora, "lora_dropout": cfg.dropout,
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": _number(alpha), "use_rslora": rslora, "lora_dropout": cfg.dropout,
               "init_lora_weights": True}
     return config, tensors
 
@@ -119,11 +122,11 @@ def _renamed(layers, peft_type: str) -> dict[str, torch.Tensor]:
 def _native(layers, cfg: AdapterConfig) -> tuple[dict, dict]:
     conv1d = any(is_conv1d(layer) for _, layer in layers)
     if isinstance(cfg, DeLoRAConfig) and not conv1d:  # PEFT 0.21's DeLoRA refuses Conv1D: LoRA form then
-        config = {"peft_type": "DELORA", "r": cfg.r, "delora_lambda": cfg.lambda0, "module_dropout": cfg.dropout,
+        config = {"peft_type": "DELORA", "r": cfg.r, "delora_lambda": _number(cfg.lambda0), "module_dropout": cfg.dropout,
                   "init_weights": True}
         return config, _renamed(layers, "DELORA")
     if isinstance(cfg, GraLoRAConfig):
-        config = {"peft_type": "GRALORA", "r": cfg.r, "alpha": cfg.alpha, "gralora_k": cfg.k,
+        config = {"peft_type": "GRALORA", "r": cfg.r, "alpha": _number(cfg.alpha), "gralora_k": cfg.k,
                   "hybrid_r": cfg.hybrid_r, "gralora_dropout": cfg.dropout, "init_weights": True}
         return config, _renamed(layers, "GRALORA")
     return _as_lora(layers, cfg, fold=False)
