@@ -88,7 +88,7 @@ def _uniform(values: list, what: str):
 
 
 def _number(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else x  # PEFT writes these fields as ints, and vLLM reads them so
+    return int(x) if float(x).is_integer() else x  # as PEFT writes them: 16, not 16.0
 
 
 def _as_lora(layers, cfg: AdapterConfig, fold: bool) -> tuple[dict, dict]:
