@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 import os
 import sys
 
@@ -76,6 +77,38 @@ def test_lora_factors_give_delta_weight(variant_name):
         A, B, s = layer.lora_variant.lora_factors(layer)
         want = layer.lora_variant.delta_weight(layer)
         torch.testing.assert_close(s * B @ A, want, atol=1e-6 * want.abs().max().item(), rtol=0)
+
+
+@dataclass
+class BareConfig(ll.LoRAConfig):
+    pass
+
+
+class Bare(ll.Variant):
+    """A variant with neither lora_factors nor delta_weight: no dense update to merge or export."""
+    name, config = "test_bare", BareConfig
+    param_specs, forward = ll.REGISTRY["lora"].param_specs, ll.REGISTRY["lora"].forward
+
+
+def test_variant_without_lora_factors_is_neither_exported_nor_merged(tmp_path):
+    model = tiny.TinyLM()
+    with tiny.registered(Bare):
+        ll.attach(model, BareConfig(r=2))
+        with pytest.raises(TypeError, match="variant test_bare has no lora_factors: it cannot be exported"):
+            ll.export_peft(model, tmp_path)
+        with pytest.raises(TypeError, match=r"variant test_bare has no delta_weight \(nor lora_factors\)"):
+            ll.merge(model)
+    assert not os.listdir(tmp_path)
+
+
+def test_pca_calibrated_variant_exports_through_its_lora_factors(pca, tmp_path):
+    """A variant from outside the library exports (and merges) through lora_factors alone."""
+    model, ids = tiny.TinyLM(), tiny.tokens()
+    ll.attach(model, tiny.PCAConfig(r=2), calibration_data=tiny.calibration())
+    tiny.perturb(model)
+    ll.export_peft(model, tmp_path)
+    ref = PeftModel.from_pretrained(tiny.TinyLM(), tmp_path)
+    torch.testing.assert_close(ref(ids), model(ids), atol=1e-5, rtol=0)
 
 
 def _peft_twin(base, peft_cfg, seed=0):
@@ -216,19 +249,12 @@ def test_export_errors(bases, tmp_path):
 
 def test_bitsandbytes_base_exports_the_float_adapter(bases, tmp_path):
     """The same adapter on a 4-bit base writes the same folder: export reads only adapter tensors."""
-    import bitsandbytes as bnb
-
     model = copy.deepcopy(bases["llama"])
     ll.attach(model, tiny.cfg_for("gralora", hybrid_r=2))
     tiny.perturb(model)
     ll.save(model, tmp_path / "a.safetensors")
     ll.export_peft(model, tmp_path / "float")
-    quantized = copy.deepcopy(bases["llama"])
-    for block in quantized.model.layers:
-        lin = block.self_attn.q_proj
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.float32)
-        q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False)
-        block.self_attn.q_proj = q.to("cpu")
+    quantized = tiny.quantize(copy.deepcopy(bases["llama"]), "nf4")
     ll.load(quantized, tmp_path / "a.safetensors")
     ll.export_peft(quantized, tmp_path / "bnb")
     assert config_of(tmp_path / "bnb") == config_of(tmp_path / "float")
@@ -273,7 +299,7 @@ def test_dora_and_other_features_are_refused_by_field(bases, tmp_path):
                           ({"modules_to_save": ["lm_head"]}, "modules_to_save="),
                           ({"some_future_field": 3}, "some_future_field=3"),
                           ({"target_modules": None}, "target_modules is missing"),
-                          ({"lora_bias": True}, "lora_bias=True"), ({"r": 0}, "r must be an int >= 1"),
+                          ({"lora_bias": True}, "lora_bias=True"), ({"r": 0}, r"r must be an int in \[1, "),
                           ({"use_rslora": "yes"}, "use_rslora must be true or false", TypeError),
                           ({"lora_alpha": "8"}, "lora_alpha must be a number", TypeError),
                           ({"target_modules": "q_proj("}, "is not a valid regex"),

@@ -299,7 +299,7 @@ class PCA(ll.Variant):
                 t.layer.lora_A.copy_(vectors[:, -cfg.r:].flip(1).t())
 
     forward = LoRA.forward
-    delta_weight = LoRA.delta_weight
+    lora_factors = LoRA.lora_factors  # which also gives delta_weight (merge)
 
 
 def calibration():

@@ -60,13 +60,16 @@ class Variant:
 
     @staticmethod
     def delta_weight(layer: nn.Module) -> torch.Tensor:
-        """The dense (d_out, d_in) update, for merge."""
-        raise TypeError(f"variant {layer.lora_variant.name} has no delta_weight: it cannot be merged")
+        """The dense (d_out, d_in) update, for merge: s B′ A′ from lora_factors unless the variant has its own."""
+        variant = layer.lora_variant
+        if variant.lora_factors is Variant.lora_factors:
+            raise TypeError(f"variant {variant.name} has no delta_weight (nor lora_factors): it cannot be merged")
+        A, B, s = variant.lora_factors(layer)
+        return s * (B @ A)
 
     @staticmethod
     def lora_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """The update as one plain LoRA: (A′ (r′, d_in), B′ (d_out, r′), s) with s B′ A′ = delta_weight,
-        for ll.export_peft."""
+        """The update as one plain LoRA: (A′ (r′, d_in), B′ (d_out, r′), s) with s B′ A′ = ΔW, for ll.export_peft."""
         raise TypeError(f"variant {layer.lora_variant.name} has no lora_factors: it cannot be exported as a LoRA")
 
     @staticmethod

@@ -63,10 +63,6 @@ class DeLoRA(Variant):
         return add_low_rank(y, h, layer.lora_B, 1.0)
 
     @staticmethod
-    def delta_weight(layer):
-        return layer.lora_B @ _scaled_A(layer)
-
-    @staticmethod
     def lora_factors(layer):
         return _scaled_A(layer), layer.lora_B, 1.0
 

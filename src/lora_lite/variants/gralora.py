@@ -74,10 +74,5 @@ class GraLoRA(Variant):
         return add_low_rank(y, F.linear(dropout(layer, x), At), Bt, scale(layer.lora_config))
 
     @staticmethod
-    def delta_weight(layer):
-        At, Bt = lora_factors(layer)
-        return scale(layer.lora_config) * (Bt @ At)
-
-    @staticmethod
     def lora_factors(layer):
         return *lora_factors(layer), scale(layer.lora_config)  # the module-level factors, with their scale

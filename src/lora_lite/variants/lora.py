@@ -39,9 +39,5 @@ class LoRA(Variant):
         return add_low_rank(y, h, layer.lora_B, layer.lora_config.scale())
 
     @staticmethod
-    def delta_weight(layer):
-        return layer.lora_config.scale() * (layer.lora_B @ layer.lora_A)
-
-    @staticmethod
     def lora_factors(layer):
         return layer.lora_A, layer.lora_B, layer.lora_config.scale()

@@ -75,7 +75,6 @@ class PiSSA(Variant):
         return layer.lora_config.scale() * (B @ (A - A0) + (B - B0) @ A0)
 
     @staticmethod
-    def lora_factors(layer):
-        # rank 2r, the form PEFT converts PiSSA to for the unmodified base: s [B, -B0] [A; A0]
-        return (torch.cat([layer.lora_A, layer.lora_A0]), torch.cat([layer.lora_B, -layer.lora_B0], dim=1),
-                layer.lora_config.scale())
+    def lora_factors(layer):  # rank 2r, as PEFT converts PiSSA for the unmodified base: s [B, -B0] [A; A0]
+        A, B, A0, B0 = layer.lora_A, layer.lora_B, layer.lora_A0, layer.lora_B0
+        return torch.cat([A, A0]), torch.cat([B, -B0], dim=1), layer.lora_config.scale()

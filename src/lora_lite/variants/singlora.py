@@ -62,15 +62,8 @@ class SingLoRA(Variant):
         return add_low_rank(y, h, rows(A, y.shape[-1]) * ramp(layer), layer.lora_config.alpha / layer.lora_config.r)
 
     @staticmethod
-    def delta_weight(layer):
+    def lora_factors(layer):  # the current ramp goes into B: the schedule itself does not travel
         (d_in, d_out), A, cfg = dims(layer), layer.lora_A, layer.lora_config
-        return (ramp(layer) * cfg.alpha / cfg.r) * (A[:d_out] @ A[:d_in].t())
-
-    @staticmethod
-    def lora_factors(layer):
-        """The current ramp is folded into B: the schedule itself does not travel."""
-        d_in, d_out = dims(layer)
-        A, cfg = layer.lora_A, layer.lora_config
         return A[:d_in].t(), A[:d_out] * ramp(layer), cfg.alpha / cfg.r
 
     @staticmethod
