@@ -315,6 +315,20 @@ def test_dora_and_other_features_are_refused_by_field(bases, tmp_path):
 def test_unknown_peft_type_is_refused(bases, tmp_path):
     folder = _saved(bases["llama"], tmp_path, IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
     _refused(bases["llama"], folder, r"peft_type 'IA3' cannot be imported")
+    _edit_config(folder, peft_type=["LORA"])  # not even a string
+    _refused(bases["llama"], folder, r"peft_type \['LORA'\] cannot be imported")
+
+
+def test_all_linear_selects_what_peft_selects(bases, ids, tmp_path):
+    """"all-linear" as PEFT reads it: every linear layer but the output head (saved configs hold the list)."""
+    ref = _peft_twin(bases["llama"], LoraConfig(r=2, target_modules="all-linear"))
+    ref.save_pretrained(tmp_path)
+    _edit_config(tmp_path, target_modules="all-linear")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(bases["llama"]), tmp_path).eval()
+    model = copy.deepcopy(bases["llama"])
+    handle = ll.load(model, tmp_path)
+    assert len(handle.targets) == 14 and "lm_head" not in {t.name for t in handle.targets}
+    assert rel(rm.logits(model, ids), rm.logits(theirs, ids)) <= TOL
 
 
 def test_keys_on_no_module_and_missing_keys_are_refused(bases, tmp_path):

@@ -194,12 +194,12 @@ def _read_config(folder: str) -> dict:
     path = os.path.join(folder, CONFIG)
     if not os.path.isfile(path):
         raise ValueError(f"{folder} is a folder without {CONFIG}, so not a PEFT adapter folder: ll.load "
-                                f"takes a lora-lite .safetensors file or a PEFT adapter folder")
+                         f"takes a lora-lite .safetensors file or a PEFT adapter folder")
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # malformed, not UTF-8, nested too deep, an int too long
+        raise ValueError(f"{path} is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(d).__name__}")
     return d
@@ -212,23 +212,23 @@ def _empty(value) -> bool:
 def _check_fields(d: dict, where: str) -> None:
     """Refuse, naming the fields, every PEFT setting that would make the import compute something else."""
     peft_type = d.get("peft_type")
-    if peft_type not in FIELDS:
-        raise ValueError(f"{where}: peft_type {peft_type!r} cannot be imported; lora-lite reads {sorted(FIELDS)}")
+    if not isinstance(peft_type, str) or peft_type not in FIELDS:
+        raise ValueError(f"{where}: peft_type {peft_type!r:.80} cannot be imported; lora-lite reads {sorted(FIELDS)}")
     problems = []
     if d.get("bias", "none") != "none":
-        problems.append(f"bias={d['bias']!r} (PEFT trains the base layers' biases; only 'none' imports)")
+        problems.append(f"bias={d['bias']!r:.80} (PEFT trains the base layers' biases; only 'none' imports)")
     init_field = "init_lora_weights" if peft_type == "LORA" else "init_weights"
     init = d.get(init_field, True)
     # True, False and "gaussian" only fill the adapter's tensors, which the file overwrites; the others
     # (pissa, olora, corda, loftq ...) make PEFT rewrite the base weight when it loads the adapter
     if not (isinstance(init, bool) or init == "gaussian"):
-        problems.append(f"{init_field}={init!r} (PEFT rewrites the base weight when it loads such an adapter; "
+        problems.append(f"{init_field}={init!r:.80} (PEFT rewrites the base weight when it loads such an adapter; "
                         f"convert it to a LoRA first, e.g. PiSSA with save_pretrained(..., "
                         f"path_initial_model_for_weight_conversion=...))")
     known = FIELDS[peft_type].keys() | set(SELECTION) | IGNORED | {init_field}
     for field, value in d.items():
         if field not in known and not _empty(value):
-            problems.append(f"{field}={value!r} ({HINTS.get(field, 'lora-lite cannot compute it exactly')})")
+            problems.append(f"{field:.80}={value!r:.80} ({HINTS.get(field, 'lora-lite cannot compute it exactly')})")
     if problems:
         raise ValueError(f"{where}: this {peft_type} adapter uses PEFT features lora-lite cannot reproduce "
                          f"exactly, so it is not loaded: " + "; ".join(problems))
@@ -246,16 +246,17 @@ def _check_selection(d: dict, where: str) -> None:
             raise ValueError(f"{where}: target_modules is missing: name the adapted modules (PEFT fills it in "
                              f"when it saves an adapter)")
         if value is not None and not (isinstance(value, str) or _strings(value)):
-            raise TypeError(f"{where}: {field} must be a string or a list of strings, got {value!r}")
-        for pattern in [value] if isinstance(value, str) else value or []:
+            raise TypeError(f"{where}: {field} must be a string or a list of strings, got {value!r:.80}")
+        # a string is a regex (as is every layers_pattern entry); list entries of the others are plain names
+        for pattern in [value] if isinstance(value, str) else value if field == "layers_pattern" and value else []:
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise ValueError(f"{where}: {field} {pattern!r} is not a valid regex: {e}") from None
+                raise ValueError(f"{where}: {field} {pattern!r:.80} is not a valid regex: {e}") from None
     layers = d.get("layers_to_transform")
     is_index = lambda i: isinstance(i, int) and not isinstance(i, bool)  # noqa: E731
     if layers is not None and not (is_index(layers) or (isinstance(layers, list) and all(map(is_index, layers)))):
-        raise TypeError(f"{where}: layers_to_transform must be an int or a list of ints, got {layers!r}")
+        raise TypeError(f"{where}: layers_to_transform must be an int or a list of ints, got {layers!r:.80}")
     if isinstance(d["target_modules"], str) and layers is not None:
         raise ValueError(f"{where}: layers_to_transform cannot be used with a regex target_modules (PEFT refuses it)")
 
