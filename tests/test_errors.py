@@ -18,9 +18,8 @@ import textwrap
 import pytest
 import tiny
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny import perturb
+from tiny import perturb, raw, rewrite
 from torch import nn
 
 import lora_lite as ll
@@ -326,26 +325,6 @@ def saved(tmp_path, variant_name):
 def lora_saved(tmp_path):
     """The same for LoRA only: metadata is parsed before any variant code runs, so one variant suffices."""
     return _save(tmp_path, "lora")
-
-
-def raw(path):
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
-
-
-def rewrite(path, out, edit_tensors=None, edit_config=None, metadata=None):
-    """Copy an adapter file with its tensors, config dict or whole metadata edited."""
-    tensors, meta = raw(path)
-    if edit_tensors:
-        edit_tensors(tensors)
-    if edit_config:
-        cfg = json.loads(meta["config"])
-        edit_config(cfg)
-        meta["config"] = json.dumps(cfg)
-    if metadata is not None:
-        meta = metadata(meta)
-    save_file(tensors, str(out), metadata=meta)
-    return out
 
 
 def test_clean_file_loads(saved):

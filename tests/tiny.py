@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 
 import bitsandbytes as bnb
+import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import (
     BertConfig,
@@ -104,12 +108,19 @@ def snapshot(model):
             {n: p.requires_grad for n, p in model.named_parameters()})
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch.equal; meta tensors (no values) are the same when their shape and dtype are."""
+    if a.is_meta or b.is_meta:
+        return a.is_meta and b.is_meta and a.shape == b.shape and a.dtype == b.dtype
+    return torch.equal(a, b)
+
+
 def assert_restored(model, snap):
     """Every base tensor bit for bit, every requires_grad flag, and no adapter leftovers."""
     state, flags = snap
     now = model.state_dict()
     assert now.keys() == state.keys()
-    changed = [k for k in state if not torch.equal(now[k], state[k])]
+    changed = [k for k in state if not _same(now[k], state[k])]
     assert not changed, f"base tensors changed: {changed}"
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     for name, m in model.named_modules():
@@ -117,6 +128,37 @@ def assert_restored(model, snap):
         assert not leftovers, f"{name or 'root'} keeps {leftovers}"
         assert not m._forward_hooks and not m._forward_pre_hooks, f"{name or 'root'} keeps hooks"
     assert ll.adapted_layers(model) == []
+
+
+def refused(model, exc, match, fn, *args, **kw):
+    """Run fn(*args), expect `exc` matching `match`, and `model` exactly as before (nothing attached)."""
+    snap = snapshot(model)
+    with pytest.raises(exc, match=match) as info:
+        fn(*args, **kw)
+    assert_restored(model, snap)
+    return info.value
+
+
+# --- adapter files, read and edited raw ------------------------------------------------------------------------
+
+def raw(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+
+
+def rewrite(path, out, edit_tensors=None, edit_config=None, metadata=None):
+    """Copy an adapter file with its tensors, config dict or whole metadata edited."""
+    tensors, meta = raw(path)
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_config:
+        cfg = json.loads(meta["config"])
+        edit_config(cfg)
+        meta["config"] = json.dumps(cfg)
+    if metadata is not None:
+        meta = metadata(meta)
+    save_file(tensors, str(out), metadata=meta)
+    return out
 
 
 # --- transformers architectures, tiny, from their configs (offline, random weights) ---------------------------

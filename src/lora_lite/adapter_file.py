@@ -24,6 +24,7 @@ from .state import adapted_layers, full_key, lora_tensors
 from .version import __version__
 
 FORMAT = "lora-lite"
+TEMP_STEM = 100  # bytes of the file name kept in the temp name: ".{stem}.{8 random}.tmp" stays < 255
 KEY_SHOWN = 200  # characters of one key shown in an error (a crafted file's keys can be megabytes long)
 
 
@@ -54,11 +55,12 @@ def write_atomic(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: s
 def replace_atomically(path: str, write: Callable[[str], object]) -> None:
     """`write(tmp)` to a short hidden temp name in the same folder, then rename: the old file stays whole."""
     folder = os.path.dirname(os.path.abspath(path))
+    # hidden, and within a 255-byte name limit whatever the length (in bytes: UTF-8 names) of the file's own
+    stem = os.path.basename(path).encode()[:TEMP_STEM].decode(errors="ignore")
     try:
-        # hidden, and short enough for a 255-byte name limit whatever the length of the file's own name
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)[:200]}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem}.", suffix=".tmp")
     except OSError as e:
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+        raise _named(e, path) from None
     os.close(fd)
     try:
         write(tmp)
@@ -68,9 +70,16 @@ def replace_atomically(path: str, write: Callable[[str], object]) -> None:
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, Exception) and not isinstance(e, OSError):  # safetensors' own error on a full disk
-            raise OSError(f"cannot write {path}: {e}") from None
+        if isinstance(e, Exception):  # the OS's errors and safetensors' own (a full disk) name the user's path
+            raise _named(e, path) from None
         raise
+
+
+def _named(e: Exception, path: str) -> OSError:
+    """The same kind of OSError (ENOSPC, EACCES: its errno and subclass kept), naming the path the user gave."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return OSError(e.errno, f"cannot write {path}: {e.strerror or e}")
+    return OSError(f"cannot write {path}: {e}")
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:

@@ -8,6 +8,7 @@ them before it forgets them, so an interrupted detach is finished by calling it 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from collections import defaultdict
@@ -75,13 +76,13 @@ def _check_size(targets: list[Target], specs: list[dict[str, ParamSpec]], cfg: A
     need: dict[torch.device, int] = defaultdict(int)
     for t, layer in zip(targets, specs):
         for spec in layer.values():
-            size = (spec.dtype or cfg.dtype).itemsize * int(torch.Size(spec.shape).numel())
+            size = (spec.dtype or cfg.dtype).itemsize * math.prod(spec.shape)  # torch's numel wraps past int64
             need[t.layer.weight.device] += size
     for device, size in need.items():
         total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
                  else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if device.type == "cpu" else None)
         if total is not None and size > total:
-            big = max(zip(targets, specs), key=lambda ts: sum(torch.Size(s.shape).numel() for s in ts[1].values()))
+            big = max(zip(targets, specs), key=lambda ts: sum(math.prod(s.shape) for s in ts[1].values()))
             raise MemoryError(f"the adapter needs {size / 2**30:.1f} GiB on {device}, which has {total / 2**30:.1f} "
                               f"GiB (r={cfg.r}; largest: {big[0].name}, {big[0].d_in}->{big[0].d_out}): lower r")
 

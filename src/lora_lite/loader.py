@@ -100,7 +100,10 @@ def load(model: nn.Module, path: str | os.PathLike) -> Handle:
     cfg, names, tensors = read_peft(path, root) if is_peft_adapter(path) else read(path)
     variant = variant_for(cfg)
     targets = targets_named(root, names, os.fspath(path))
-    specs = layer_specs(variant, targets, cfg)
+    try:
+        specs = layer_specs(variant, targets, cfg)
+    except (ValueError, MemoryError) as e:  # the file's r or shapes: name the file
+        raise type(e)(f"{os.fspath(path)}: {e}") from None
     expected = {full_key(t.name, k) for t, layer in zip(targets, specs) for k in layer}
     tensors = {k: tensors[v] for k, v in by_canonical(tensors, expected, os.fspath(path), "keys name the same tensor").items()}
     check_fit(targets, specs, tensors, cfg, variant, os.fspath(path))
