@@ -201,11 +201,15 @@ def test_load_on_a_fifo_refuses_without_blocking(tmp_path):
     assert ll.adapted_layers(model) == []
 
 
-@pytest.mark.parametrize("where", ["folder", "/dev/null"])
-def test_load_on_a_folder_or_device_says_not_a_regular_file(tmp_path, where):
-    path = tmp_path if where == "folder" else where
+def test_load_on_a_device_says_not_a_regular_file():
     model = tiny.TinyLM()
-    refused(model, ValueError, rf"{re.escape(str(path))} is not a regular file", ll.load, model, path)
+    refused(model, ValueError, "/dev/null is not a regular file", ll.load, model, "/dev/null")
+
+
+def test_load_on_a_folder_without_a_peft_config_says_so(tmp_path):
+    model = tiny.TinyLM()
+    refused(model, ValueError, rf"{re.escape(str(tmp_path))} is a folder without adapter_config.json", ll.load,
+            model, tmp_path)
 
 
 @pytest.mark.parametrize("path", [b"adapter.safetensors", 0, None])
