@@ -236,7 +236,9 @@ def test_one_typo_among_good_patterns_is_named():
 
 def test_pattern_matching_only_excluded_modules():
     model = tiny.TinyLM()
-    fails(model, ValueError, "'lm_head'.*exclude_names", ll.attach, model, ll.LoRAConfig(target_names=("lm_head",)))
+    err = fails(model, ValueError, "'up_proj'.*exclude_names", ll.attach, model,
+                ll.LoRAConfig(target_names=("up_proj", "q_proj"), exclude_names=(r"layers\.\d\.up",)))
+    assert "['layers.0.up_proj', 'layers.1.up_proj']" in str(err)
 
 
 def test_selection_that_selects_nothing_lists_candidates():

@@ -63,14 +63,14 @@ def test_unresolvable_square_layer_errors_only_when_roles_need_it():
 
 def test_target_names_exclude_names_layers_roles():
     model = tiny.TinyLM()
-    assert set(targets(model, target_names=(r"\.q_proj$", "down"))) == {
+    assert set(targets(model, target_names=("q_proj", r"\.down"))) == {  # a plain name, a regex
         "layers.0.q_proj", "layers.1.q_proj", "layers.0.down_proj", "layers.1.down_proj"}
     assert set(targets(model, target_roles=("writer",))) == {
         "layers.0.o_proj", "layers.1.o_proj", "layers.0.down_proj", "layers.1.down_proj"}
     assert set(targets(model, layers=(1,))) == {f"layers.1.{leaf}" for leaf in LLAMA_ROLES}
-    # exclude_names replaces the default: lm_head (a 32->48 reader) is a candidate again
+    # exclude_names adds to the default exclusions: lm_head (a 32->48 reader) stays out
     picked = targets(model, exclude_names=("k_proj",))
-    assert "lm_head" in picked and not any("k_proj" in n for n in picked)
+    assert set(picked) == {f"layers.{i}.{leaf}" for i in range(2) for leaf in LLAMA_ROLES if leaf != "k_proj"}
     assert "lm_head" not in targets(model)
     with pytest.raises(ValueError, match=r"layers \[5\] do not exist.*\[0, 1\]"):
         ll.attach(model, ll.LoRAConfig(layers=(5,)))

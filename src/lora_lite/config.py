@@ -30,7 +30,17 @@ INT64_MAX = 2**63 - 1  # every int field ends up in an int64 tensor or index: la
 
 @dataclass
 class AdapterConfig:
-    """Fields every variant shares. `variant` is set on each subclass by `@register`."""
+    """Fields every variant shares. `variant` is set on each subclass by `@register`.
+
+    Selection (see `target.py`): the default takes every reader and writer of the residual stream,
+    judged per sub-model. `target_names` / `exclude_names` entries made only of identifier characters
+    and dots match a whole trailing part of the module path, as PEFT's `target_modules` list does
+    (`"q"` matches `...SelfAttention.q`, `"self_attn.q_proj"` matches `model.layers.0.self_attn.q_proj`);
+    any other entry is a regex searched in the path (`r"\\.(q|v)_proj$"`). `exclude_names` adds to the
+    default exclusions (embeddings, output and task heads: `lm_head`, `classifier`, `score`, ...);
+    a head that a `target_names` entry matches is selected. `layers` are block indices: the outermost
+    `layers.N` / `layer.N` / `h.N` / `block.N` / `blocks.N` in the path.
+    """
 
     variant: ClassVar[str] = ""
 
@@ -39,8 +49,8 @@ class AdapterConfig:
     dtype: torch.dtype = torch.float32
     dropout: float = 0.0
     target_roles: tuple[str, ...] = ("reader", "writer")  # () means every role
-    target_names: tuple[str, ...] = ()  # regexes searched in the full module name; any must match
-    exclude_names: tuple[str, ...] = ("lm_head", "embed_tokens")
+    target_names: tuple[str, ...] = ()  # plain path tails or regexes; any may match, each must match something
+    exclude_names: tuple[str, ...] = ()  # added to the default exclusions (heads, embeddings)
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
@@ -63,6 +73,8 @@ class AdapterConfig:
             setattr(self, name, tuple(value))
         for name in ("target_names", "exclude_names"):
             for pattern in getattr(self, name):
+                if not pattern:  # as a regex it would match every module
+                    raise ValueError(f"{name} has an empty pattern; remove it")
                 try:
                     re.compile(pattern)
                 except re.error as e:
