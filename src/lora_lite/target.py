@@ -65,12 +65,15 @@ BARE = "a bare parameter used functionally has no layer forward to hook"
 def matches(pattern: str, name: str) -> bool:
     """PEFT's list semantics for plain names, regex search for the rest.
 
-    A pattern made only of identifier characters and dots matches a whole trailing part of the path:
-    "q" matches "encoder.block.0.layer.0.SelfAttention.q", not "encoder" or "block"; "self_attn.q_proj"
-    matches "model.layers.0.self_attn.q_proj". Any other pattern is a regex searched in the path.
+    A pattern made only of identifier characters and dots names whole parts of the path: "q" matches
+    "encoder.block.0.layer.0.SelfAttention.q", not "encoder" or "block"; "self_attn.q_proj" matches
+    "model.layers.0.self_attn.q_proj", "attn.q_proj" does not. It is a trailing part of the path of the
+    module or of a module around it: naming a container ("mlp") means the layers inside it. Wherever PEFT
+    accepts a `target_modules` list (it names no container), this selects the same modules.
+    Any other pattern is a regex searched in the path.
     """
     if PLAIN.fullmatch(pattern):
-        return name == pattern or name.endswith("." + pattern)
+        return f".{pattern}." in f".{name}."
     return re.search(pattern, name) is not None
 
 
@@ -200,7 +203,7 @@ def unadaptable(model: nn.Module) -> list[Unadaptable]:
 
 
 def _hits(pattern: str, u: Unadaptable) -> bool:
-    """A pattern names an unadaptable part by its own path or by its module's (`...experts`)."""
+    """A pattern names an unadaptable part by its own path or by its module's (`mlp\\.experts$`)."""
     return matches(pattern, u.name) or matches(pattern, u.name.rpartition(".")[0])
 
 
@@ -309,11 +312,11 @@ def select(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
     Excluded: what exclude_names matches, and (unless a target_names entry names them) the heads."""
     model = unwrap(model)
     all_, blocked = candidates(model), unadaptable(model)
-    if not all_:
-        raise ValueError(f"{type(model).__name__} has no linear-like module to adapt{_not_adaptable(blocked)}")
     user_excluded, default_excluded = _excluded(model, all_, cfg)
     pool = [t for t in all_ if t.name not in user_excluded | default_excluded]
     _check_patterns(cfg, pool, user_excluded, blocked)
+    if not all_:
+        raise ValueError(f"{type(model).__name__} has no linear-like module to adapt{_not_adaptable(blocked)}")
     if cfg.target_names:
         pool = [t for t in pool if any(matches(p, t.name) for p in cfg.target_names)]
     pool = _by_roles(_by_layers(pool, all_, cfg, model), cfg)
