@@ -23,6 +23,7 @@ def test_group_init_gets_targets_and_data(pca):
     handle = ll.attach(model, PCAConfig(r=4, alpha=8.0), calibration_data=data)
     ((names, got),) = pca.calls
     assert names == [t.name for t in handle.targets] and got is data
+    model(data[0])  # ends the first-forward watch
     assert hooks(model) == len(handle.targets)  # the capture hooks are gone, the adapter's stay
     # layers.0.q_proj reads the embeddings: its A must be their top principal directions
     x = torch.cat([model.embed_tokens(ids) for ids in data]).reshape(-1, 32).detach()

@@ -241,6 +241,63 @@ def test_transformer_decoder_layer_lists_both_attentions():
                                                     "multihead_attn.in_proj_weight", "multihead_attn.out_proj"]
 
 
+class Functional(nn.Module):
+    """Uses proj's weight directly (a functional call) and fc's through a fused addmm: neither forward runs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(10, 8)
+        self.proj, self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, ids):
+        x = nn.functional.linear(self.embed(ids), self.proj.weight, self.proj.bias)
+        h = torch.addmm(self.fc.bias, x.reshape(-1, 8), self.fc.weight.t()).reshape(*x.shape[:-1], 16)
+        return self.out(h)
+
+
+def watch_hooks(model) -> int:
+    return sum(len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_first_forward_warns_about_layers_whose_hook_did_not_run(tmp_path):
+    model = Functional()
+    ids = torch.tensor([[1, 2, 3]])
+    with ll.attached(model, ll.LoRAConfig(r=2, target_roles=())) as handle:
+        assert {t.name for t in handle.targets} == {"proj", "fc", "out"}
+        with pytest.warns(UserWarning, match=r"the adapters on proj, fc \(2 layers\) did not run in the first "
+                                             r"forward of Functional.*exclude_names"):
+            model(ids)
+        assert watch_hooks(model) == 0  # checked once: later forwards pay nothing
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(ids)
+        ll.save(model, tmp_path / "a.safetensors")
+    snap = tiny.snapshot(model)
+    ll.load(model, tmp_path / "a.safetensors")
+    with pytest.warns(UserWarning, match="adapters on proj, fc"):  # a loaded adapter is watched too
+        model(ids)
+    ll.detach(model)
+    tiny.assert_restored(model, snap)
+
+
+def test_a_layer_whose_caller_did_not_run_is_not_reported():
+    """A text-only forward of LLaVA skips the vision tower: nothing bypassed its layers."""
+    model = llava()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    ll.attach(model, ll.LoRAConfig(r=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=ids)
+    assert watch_hooks(model) == 0
+    ll.detach(model)
+    snap = tiny.snapshot(model)
+    ll.attach(model, ll.LoRAConfig(r=2))
+    assert watch_hooks(model) > 0
+    ll.detach(model)  # before any forward: the watch goes too
+    tiny.assert_restored(model, snap)
+
+
 # --- 4. PEFT name semantics; exclusions add to the defaults -----------------------------------------
 
 def peft_names(model, target_modules) -> set[str]:

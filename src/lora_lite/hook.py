@@ -1,5 +1,6 @@
-"""The forward hooks attach adds: the adapter hook on each target layer, and the input-gradient hook on
-the input embedding that makes reentrant gradient checkpointing train the adapters.
+"""The forward hooks attach adds: the adapter hook on each target layer, the input-gradient hook on
+the input embedding that makes reentrant gradient checkpointing train the adapters, and the first-forward
+watch that warns when an adapted layer's forward never ran (its weight used directly by its caller).
 
 Both are module-level functions that read everything from the module they run on (no closures), so
 `copy.deepcopy` of a hooked model is an independent, working copy, and both are found by identity on
@@ -7,11 +8,13 @@ removal, so no handle needs keeping.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
-from .state import ADDED
+from .state import ADDED, RAN, WATCH
 
 
 def adapter_hook(layer: nn.Module, args: tuple, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
@@ -58,3 +61,60 @@ def remove_hooks(module: nn.Module, fn) -> None:
     for key in [k for k, f in module._forward_hooks.items() if f is fn]:
         for hooks in (module._forward_hooks, module._forward_hooks_with_kwargs, module._forward_hooks_always_called):
             hooks.pop(key, None)
+
+
+def remove_pre_hooks(module: nn.Module, fn) -> None:
+    for key in [k for k, f in module._forward_pre_hooks.items() if f is fn]:
+        module._forward_pre_hooks.pop(key, None)
+        module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def _caller(root: nn.Module, name: str) -> nn.Module:
+    """The module whose forward calls `name`: its nearest ancestor that has a forward (ModuleList has none)."""
+    while name:
+        name = name.rpartition(".")[0]
+        module = root.get_submodule(name)
+        if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            return module
+    return root
+
+
+def watch(root: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
+    """Note, during the next forward of `root` only, which adapted layers and callers run (cost: one pre-hook
+    call per module in that one forward; the adapter hook itself is untouched)."""
+    entries = [(name, layer, _caller(root, name) if name else None) for name, layer in layers]
+    root.__dict__[WATCH] = entries  # a plain list: copy.deepcopy maps its modules with the model
+    for module in {id(m): m for _, layer, caller in entries for m in (layer, caller) if m is not None}.values():
+        module.register_forward_pre_hook(mark_ran)
+    root.register_forward_hook(check_bypassed)
+
+
+def unwatch(root: nn.Module) -> None:
+    for module in root.modules():
+        remove_pre_hooks(module, mark_ran)
+        module.__dict__.pop(RAN, None)
+    remove_hooks(root, check_bypassed)
+    root.__dict__.pop(WATCH, None)
+
+
+def mark_ran(module: nn.Module, args: tuple) -> None:
+    if not torch.compiler.is_compiling():  # a traced graph would keep the write forever
+        module.__dict__[RAN] = True
+
+
+def check_bypassed(root: nn.Module, args: tuple, out) -> None:
+    """After the first forward: warn about adapted layers whose caller ran but whose own forward did not.
+
+    Their caller reads their weight directly (a functional call, a fused kernel), so their adapter changes
+    nothing and gets no gradient. A layer whose caller did not run either (a vision tower in a text-only
+    batch, an expert no token was routed to) is not reported: nothing bypassed it."""
+    if torch.compiler.is_compiling():
+        return
+    missed = [name for name, layer, caller in root.__dict__.get(WATCH, ())
+              if RAN not in layer.__dict__ and (caller is None or RAN in caller.__dict__)]
+    unwatch(root)
+    if missed:
+        warnings.warn(f"the adapters on {', '.join(missed[:20])} ({len(missed)} layers) did not run in the first "
+                      f"forward of {type(root).__name__}, though their callers did: the model uses those layers' "
+                      f"weights without calling them (a functional call or a fused kernel), so these adapters "
+                      f"change nothing and get no gradient. Leave them out (exclude_names)", stacklevel=2)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .hook import adapter_hook, input_embeddings, inputs_require_grad, remove_hooks
+from .hook import adapter_hook, input_embeddings, inputs_require_grad, remove_hooks, unwatch, watch
 from .state import ADDED, FLAGS, HITS, REPACK, adapted_layers, clashes, record, remove_added, set_attr
 from .target import Target, pattern_hits, select
 from .variant import REGISTRY, ParamSpec, Variant
@@ -207,6 +207,7 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None) -> Handl
         initialise(targets, specs, cfg, variant)
         variant.group_init(root, targets, cfg, calibration_data)
         root.__dict__[HITS] = pattern_hits(targets, cfg)
+        watch(root, [(t.name, t.layer) for t in targets])
     return Handle(model, cfg, targets)
 
 
@@ -224,6 +225,7 @@ def detach(model: nn.Module) -> None:
     interrupt) is finished by the next one.
     """
     root = unwrap(model)
+    unwatch(root)
     for module in root.modules():
         remove_hooks(module, inputs_require_grad)
         module.__dict__.pop("lora_checkpointable", None)

@@ -15,6 +15,7 @@ from torch import nn
 
 from .adapter_file import listing, read
 from .config import AdapterConfig
+from .hook import watch
 from .lifecycle import Handle, install, layer_specs, prepare, rollback, variant_for
 from .peft_format import is_peft_adapter, read_peft
 from .state import full_key, lora_tensors
@@ -110,4 +111,5 @@ def load(model: nn.Module, path: str | os.PathLike) -> Handle:
     with rollback(root):
         install(root, cfg, variant, targets, specs)
         fill(targets, tensors)
+        watch(root, [(t.name, t.layer) for t in targets])
     return Handle(model, cfg, targets)

@@ -17,6 +17,8 @@ ADDED = "lora_added"  # per layer: names of the tensors and attributes attach ad
 FLAGS = "lora_requires_grad"  # on the root: {parameter name: requires_grad before attach}
 REPACK = "lora_cpu_repack"  # on the root: bitsandbytes CPU-repack switches held off while attached
 HITS = "lora_pattern_hits"  # on the root: {target_names pattern: modules it selected}, from attach
+WATCH = "lora_watch"  # on the root until its first forward: [(name, adapted layer, its caller)]
+RAN = "lora_ran"  # on a watched module whose forward ran during that first forward
 
 
 def adapted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
