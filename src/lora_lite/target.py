@@ -328,6 +328,6 @@ def select(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
     return pool
 
 
-def pattern_hits(targets: list[Target], cfg: AdapterConfig) -> dict[str, int]:
-    """How many of `targets` each of the user's target_names patterns selected (for ll.summary)."""
-    return {p: sum(1 for t in targets if matches(p, t.name)) for p in cfg.target_names}
+def pattern_hits(targets: list[Target], cfg: AdapterConfig) -> dict[str, list[str]]:
+    """The names of the `targets` each of the user's target_names patterns selected (for ll.summary)."""
+    return {p: [t.name for t in targets if matches(p, t.name)] for p in cfg.target_names}
