@@ -444,3 +444,20 @@ def test_a_head_with_its_own_layers_is_left_out_whole():
     assert not any(n.startswith("classifier") for n in selected(model))
     assert selected(model, target_names=("classifier.dense",)) == {"classifier.dense"}
     assert selected(model, target_names=("classifier",)) == {"classifier.dense", "classifier.out_proj"}
+
+
+# --- ll.summary says what it judged and what it left ------------------------------------------------
+
+def test_summary_shows_widths_heads_and_what_cannot_be_adapted():
+    model = mixtral()
+    ll.attach(model, ll.LoRAConfig(r=2, target_names=("q_proj",)))
+    lines = ll.summary(model).splitlines()
+    assert "roles judged against width 32 (the model)" in lines
+    assert "target_names 'q_proj' matched 2: model.layers.0.self_attn.q_proj, model.layers.1.self_attn.q_proj" in lines
+    assert "heads left out (name them in target_names to adapt): lm_head (output embeddings)" in lines
+    assert "  model.layers.*.mlp.experts.gate_up_proj (fused MoE experts (4, 128, 32)) x2" in lines
+    model = llava()
+    ll.attach(model, ll.LoRAConfig(r=2))
+    lines = ll.summary(model).splitlines()
+    assert "roles judged against width 64 (the model), 32 (model.vision_tower), 64 (model.language_model)" in lines
+    assert "  model.vision_tower.embeddings.patch_embedding (Conv2d)" in lines
