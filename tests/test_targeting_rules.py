@@ -24,7 +24,8 @@ from transformers import (BertConfig, BertForQuestionAnswering, CLIPConfig, CLIP
 
 import lora_lite as ll
 import tiny
-from lora_lite.target import block_index, heads, unadaptable, widths
+from lora_lite.anatomy import block_index, widths
+from lora_lite.exclusions import heads, unadaptable
 
 warnings.filterwarnings("ignore", message=".*token_id must be `None`.*")  # CLIP's default bos/eos, tiny vocab
 

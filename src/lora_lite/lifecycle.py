@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .anatomy import Target
 from .config import AdapterConfig
 from .hook import adapter_hook, input_embeddings, inputs_require_grad, remove_hooks, unwatch, watch
 from .state import ADDED, FLAGS, HITS, REPACK, adapted_layers, clashes, record, remove_added, set_attr
-from .target import Target, pattern_hits, select
+from .target import pattern_hits, select
 from .variant import REGISTRY, ParamSpec, Variant
 from .weights import hold_cpu_repack, is_cpu_repacked, is_linear_like, release_cpu_repack
 from .wrappers import check_order, unwrap

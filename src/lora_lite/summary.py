@@ -7,8 +7,9 @@ from collections import Counter
 
 from torch import nn
 
+from .anatomy import BLOCK_INDEX, candidates, widths
+from .exclusions import heads, unadaptable
 from .state import HITS, adapted_layers, lora_tensors
-from .target import BLOCK_INDEX, candidates, heads, unadaptable, widths
 from .weights import dims
 from .wrappers import unwrap
 
