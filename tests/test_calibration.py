@@ -1,7 +1,7 @@
 """group_init: data-calibrated initialisation, proven with a variant registered only for these tests.
 
 `PCA` is LoRA whose A holds the top-r principal directions of each layer's calibration inputs
-(eigenvectors of Σ xᵀx), collected with `lora_lite.variant.capture_inputs`.
+(eigenvectors of Σ xᵀx), collected with `lora_lite.calibration.capture_inputs`.
 """
 from dataclasses import dataclass
 

@@ -26,7 +26,8 @@ from transformers import (
 import lora_lite as ll
 from lora_lite import weights
 from lora_lite.config import CONFIGS
-from lora_lite.variant import ParamSpec, capture_inputs, zeros
+from lora_lite.calibration import capture_inputs
+from lora_lite.variant import ParamSpec, zeros
 from lora_lite.variants.lora import LoRA, LoRAConfig
 
 # Per-variant settings that make the contract meaningful on tiny models: SingLoRA's ramp must

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ class Variant:
 
     @staticmethod
     def group_init(model: nn.Module, targets: list, cfg, calibration_data) -> None:
-        """Data-calibrated init over all targets at once (capture_inputs helps)."""
+        """Data-calibrated init over all targets at once (calibration.capture_inputs helps)."""
 
     @staticmethod
     def delta_weight(layer: nn.Module) -> torch.Tensor:
@@ -148,30 +148,3 @@ def add_low_rank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s: float) ->
     if y.dim() == 2:
         return y.addmm_(h, B.t(), alpha=s)
     return y.baddbmm_(h, B.t().expand(y.shape[0], -1, -1), alpha=s)  # no view of y: autograd stays cheap
-
-
-def run_batches(model: nn.Module, data: Iterable) -> None:
-    """Run `model` over calibration batches without gradients: dicts go in as keyword arguments."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for batch in data:
-            if isinstance(batch, dict):
-                model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-            elif isinstance(batch, (tuple, list)):
-                model(*[v.to(device) if torch.is_tensor(v) else v for v in batch])
-            else:
-                model(batch.to(device))
-
-
-def capture_inputs(model: nn.Module, layers: list[nn.Module], data: Iterable,
-                   fn: Callable[[nn.Module, torch.Tensor], None]) -> None:
-    """Call `fn(layer, x)` with each layer's input on every calibration batch.
-
-    The hooks are temporary: removed when the pass ends, also on error.
-    """
-    handles = [layer.register_forward_pre_hook(lambda m, args: fn(m, args[0])) for layer in layers]
-    try:
-        run_batches(model, data)
-    finally:
-        for h in handles:
-            h.remove()
