@@ -3,7 +3,7 @@
 The rule for every case: an exception of a meaningful type (ValueError, KeyError, TypeError,
 FileNotFoundError) whose message names the culprit (field, module, key, pattern), and the model
 exactly as it was before the call: same tensors, no new hooks, no stray `lora_*` attributes, same
-requires_grad flags. `snapshot` / `assert_unchanged` check all of that, and every test uses them.
+requires_grad flags. `tiny.snapshot` / `tiny.assert_unchanged` check all of that, and every test uses them.
 docs/errors.md lists these errors for users.
 """
 import io
@@ -19,59 +19,10 @@ import pytest
 import tiny
 import torch
 from safetensors.torch import save_file
-from tiny import perturb, raw, rewrite
+from tiny import assert_unchanged, perturb, raw, refused, rewrite, snapshot
 from torch import nn
 
 import lora_lite as ll
-
-# --- the one helper: snapshot a model, assert a failed call left it exactly so ----------------------
-
-def snapshot(model: nn.Module) -> dict:
-    """Tensors, hooks, lora_* attributes and requires_grad flags of every module."""
-    return {
-        "tensors": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-        "buffers": sorted(n for n, _ in model.named_buffers()),
-        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "hooks": {n: [list(d.items()) for d in (m._forward_hooks, m._forward_pre_hooks,
-                                                m._forward_hooks_with_kwargs, m._forward_pre_hooks_with_kwargs)]
-                  for n, m in model.named_modules()},
-        "attrs": {n: sorted(k for k in m.__dict__ if k.startswith("lora_")) for n, m in model.named_modules()},
-        "adapted": [n for n, _ in ll.adapted_layers(model)],
-    }
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """torch.equal, except that NaN equals NaN (merge tests plant NaNs on purpose)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.is_floating_point():
-        return bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
-    return torch.equal(a, b)
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    now = snapshot(model)
-    assert now["tensors"].keys() == before["tensors"].keys(), \
-        f"state_dict keys changed: +{now['tensors'].keys() - before['tensors'].keys()} " \
-        f"-{before['tensors'].keys() - now['tensors'].keys()}"
-    changed = [k for k, v in before["tensors"].items() if not _same(now["tensors"][k], v)]
-    assert not changed, f"tensors changed: {changed}"
-    assert now["buffers"] == before["buffers"], "buffers changed"
-    assert now["grad"] == before["grad"], "requires_grad flags changed"
-    assert now["hooks"] == before["hooks"], "hooks changed"
-    assert now["attrs"] == before["attrs"], "lora_* attributes changed"
-    assert now["adapted"] == before["adapted"]
-
-
-def fails(model, exc, match, fn, *args, **kw):
-    """Run fn(*args), expect `exc` whose message matches `match`, and the model untouched."""
-    before = snapshot(model)
-    with pytest.raises(exc, match=match) as info:
-        fn(*args, **kw)
-    assert_unchanged(model, before)
-    return info.value
-
-
 
 
 def chain(*dims) -> nn.Sequential:
@@ -174,9 +125,9 @@ def test_unregistered_config_class_is_refused():
 
     GhostConfig.variant = "ghost"
     model = tiny.TinyLM()
-    fails(model, ValueError, "unknown variant 'ghost'", ll.attach, model, GhostConfig())
-    fails(model, ValueError, "unknown variant ''", ll.attach, model, ll.AdapterConfig())
-    fails(model, TypeError, "AdapterConfig", ll.attach, model, {"variant": "lora", "r": 4})
+    refused(model, ValueError, "unknown variant 'ghost'", ll.attach, model, GhostConfig())
+    refused(model, ValueError, "unknown variant ''", ll.attach, model, ll.AdapterConfig())
+    refused(model, TypeError, "AdapterConfig", ll.attach, model, {"variant": "lora", "r": 4})
 
 
 def test_gralora_k_must_divide_r():
@@ -189,14 +140,14 @@ def test_gralora_k_must_divide_every_layer_and_a_midway_failure_leaves_nothing()
     """Only the third layer (8->6) is not divisible by k=4: the error names it; layers 0 and 1 get nothing."""
     model = chain(8, 8, 8, 6)
     cfg = tiny.cfg_for("gralora", r=4, k=4, target_roles=())
-    err = fails(model, ValueError, r"\b2\b", ll.attach, model, cfg)
+    err = refused(model, ValueError, r"\b2\b", ll.attach, model, cfg)
     assert "6" in str(err) and "k" in str(err)
     ll.attach(chain(8, 8, 8, 8), cfg)  # the same config on divisible widths is fine
 
 
 def test_pissa_rank_larger_than_layer_names_it():
     model = chain(16, 16, 4)
-    err = fails(model, ValueError, r"\b1\b", ll.attach, model, tiny.cfg_for("pissa", r=8, target_roles=()))
+    err = refused(model, ValueError, r"\b1\b", ll.attach, model, tiny.cfg_for("pissa", r=8, target_roles=()))
     assert "8" in str(err)
 
 
@@ -213,7 +164,7 @@ def test_failed_init_midway_restores_everything(monkeypatch):
     monkeypatch.setattr(ll.REGISTRY["lora"], "init", staticmethod(init), raising=False)
     model = tiny.TinyLM()
     model.layers[1].down_proj.weight.requires_grad_(False)
-    fails(model, RuntimeError, "third layer", ll.attach, model, ll.LoRAConfig(r=2))
+    refused(model, RuntimeError, "third layer", ll.attach, model, ll.LoRAConfig(r=2))
     assert len(calls) == 3
 
 
@@ -221,7 +172,7 @@ def test_failed_init_midway_restores_everything(monkeypatch):
 
 def test_pattern_matching_nothing_lists_candidates_and_roles(variant_name):
     model = tiny.TinyLM()
-    err = fails(model, ValueError, "'q_porj'", ll.attach, model, tiny.cfg_for(variant_name, target_names=(r"q_porj",)))
+    err = refused(model, ValueError, "'q_porj'", ll.attach, model, tiny.cfg_for(variant_name, target_names=(r"q_porj",)))
     msg = str(err)
     assert "layers.0.self_attn" not in msg  # TinyLM has no self_attn: the listing is the real module names
     assert "layers.0.q_proj" in msg and "layers.1.down_proj" in msg
@@ -230,13 +181,13 @@ def test_pattern_matching_nothing_lists_candidates_and_roles(variant_name):
 
 def test_one_typo_among_good_patterns_is_named():
     model = tiny.TinyLM()
-    err = fails(model, ValueError, "'v_prj'", ll.attach, model, ll.LoRAConfig(target_names=(r"q_proj", r"v_prj")))
+    err = refused(model, ValueError, "'v_prj'", ll.attach, model, ll.LoRAConfig(target_names=(r"q_proj", r"v_prj")))
     assert "'q_proj'" not in str(err).split("Candidates")[0]
 
 
 def test_pattern_matching_only_excluded_modules():
     model = tiny.TinyLM()
-    err = fails(model, ValueError, "'up_proj'.*exclude_names", ll.attach, model,
+    err = refused(model, ValueError, "'up_proj'.*exclude_names", ll.attach, model,
                 ll.LoRAConfig(target_names=("up_proj", "q_proj"), exclude_names=(r"layers\.\d\.up",)))
     assert "['layers.0.up_proj', 'layers.1.up_proj']" in str(err)
 
@@ -244,28 +195,28 @@ def test_pattern_matching_only_excluded_modules():
 def test_selection_that_selects_nothing_lists_candidates():
     """Names match, but the role filter removes everything: the message lists candidates with roles."""
     model = tiny.TinyLM()
-    err = fails(model, ValueError, "selected no module", ll.attach, model,
+    err = refused(model, ValueError, "selected no module", ll.attach, model,
                 ll.LoRAConfig(target_names=("gate_proj",), target_roles=("writer",)))
     assert "layers.0.gate_proj (reader 32->64)" in str(err)
 
 
 def test_layer_indices_that_do_not_exist():
     model = tiny.TinyLM(n_layers=2)
-    err = fails(model, ValueError, r"layers \[2, 7\]", ll.attach, model, ll.LoRAConfig(layers=(1, 2, 7)))
+    err = refused(model, ValueError, r"layers \[2, 7\]", ll.attach, model, ll.LoRAConfig(layers=(1, 2, 7)))
     assert "[0, 1]" in str(err)
 
 
 def test_layers_on_a_model_without_numbered_layers():
     model = chain(8, 8)
     cfg = ll.LoRAConfig(layers=(0,), target_roles=())
-    fails(model, ValueError, r"layers \[0\].*present: \[\]", ll.attach, model, cfg)
+    refused(model, ValueError, r"layers \[0\].*present: \[\]", ll.attach, model, cfg)
 
 
 def test_unresolvable_square_layer_only_matters_when_roles_filter():
     model = Unnamed()
-    err = fails(model, ValueError, r"square layer mix", ll.attach, model, ll.LoRAConfig(target_roles=("reader",)))
+    err = refused(model, ValueError, r"square layer mix", ll.attach, model, ll.LoRAConfig(target_roles=("reader",)))
     assert "target_names" in str(err)  # says what to do
-    fails(model, ValueError, r"square layer mix", ll.attach, model, ll.LoRAConfig(target_roles=("writer",)))
+    refused(model, ValueError, r"square layer mix", ll.attach, model, ll.LoRAConfig(target_roles=("writer",)))
     # no role filter needs it: both-roles, no roles, or a name filter that leaves it out
     for cfg in (ll.LoRAConfig(), ll.LoRAConfig(target_roles=()), ll.LoRAConfig(target_names=("up",),
                                                                                 target_roles=("reader",))):
@@ -282,7 +233,7 @@ def test_attach_twice_raises_and_keeps_the_first(variant_name):
     ids = tiny.tokens()
     out = model(ids)
     for second in (tiny.cfg_for(variant_name), ll.LoRAConfig(r=2, target_names=("q_proj",))):
-        fails(model, ValueError, "already attached.*detach", ll.attach, model, second)
+        refused(model, ValueError, "already attached.*detach", ll.attach, model, second)
     assert torch.equal(model(ids), out)
 
 
@@ -291,7 +242,7 @@ def test_load_onto_an_attached_model_raises_and_keeps_it(tmp_path):
     ll.attach(model, ll.LoRAConfig(r=2))
     perturb(model)
     ll.save(model, tmp_path / "a.safetensors")
-    fails(model, ValueError, "already attached", ll.load, model, tmp_path / "a.safetensors")
+    refused(model, ValueError, "already attached", ll.load, model, tmp_path / "a.safetensors")
 
 
 def test_detach_with_nothing_attached_is_a_noop():
@@ -340,14 +291,14 @@ def test_missing_key(saved, tmp_path):
     key = sorted(raw(saved)[0])[0]
     bad = rewrite(saved, tmp_path / "bad.safetensors", edit_tensors=lambda t: t.pop(key))
     model = tiny.TinyLM()
-    fails(model, ValueError, f"missing keys: {key}", ll.load, model, bad)
+    refused(model, ValueError, f"missing keys: {key}", ll.load, model, bad)
 
 
 def test_unexpected_key(saved, tmp_path):
     bad = rewrite(saved, tmp_path / "bad.safetensors",
                   edit_tensors=lambda t: t.update({"layers.0.q_proj.lora_extra": torch.zeros(3)}))
     model = tiny.TinyLM()
-    fails(model, ValueError, "unexpected keys: layers.0.q_proj.lora_extra", ll.load, model, bad)
+    refused(model, ValueError, "unexpected keys: layers.0.q_proj.lora_extra", ll.load, model, bad)
 
 
 def test_base_weight_key_is_unexpected_and_never_written(lora_saved, tmp_path):
@@ -355,7 +306,7 @@ def test_base_weight_key_is_unexpected_and_never_written(lora_saved, tmp_path):
     bad = rewrite(lora_saved, tmp_path / "bad.safetensors",
                   edit_tensors=lambda t: t.update({"lm_head.weight": torch.full((48, 32), 7.0)}))
     model = tiny.TinyLM()
-    fails(model, ValueError, "unexpected keys: lm_head.weight", ll.load, model, bad)
+    refused(model, ValueError, "unexpected keys: lm_head.weight", ll.load, model, bad)
 
 
 def test_wrong_shape(saved, tmp_path):
@@ -368,15 +319,15 @@ def test_wrong_shape(saved, tmp_path):
 
     bad = rewrite(saved, tmp_path / "bad.safetensors", edit_tensors=shrink)
     model = tiny.TinyLM()
-    err = fails(model, ValueError, f"wrong shapes: {key}", ll.load, model, bad)
+    err = refused(model, ValueError, f"wrong shapes: {key}", ll.load, model, bad)
     assert str(shape) in str(err)
 
 
 def test_file_for_another_architecture(saved):
     narrow = tiny.TinyLM(d=16, f=32)  # same module names, other widths
-    fails(narrow, ValueError, "wrong shapes", ll.load, narrow, saved)
+    refused(narrow, ValueError, "wrong shapes", ll.load, narrow, saved)
     other = chain(32, 32)  # other module names
-    err = fails(other, ValueError, "another architecture", ll.load, other, saved)
+    err = refused(other, ValueError, "another architecture", ll.load, other, saved)
     assert "layers.0.q_proj" in str(err)
 
 
@@ -386,17 +337,17 @@ def test_truncated_file(lora_saved, tmp_path):
         bad = tmp_path / f"cut{n}.safetensors"
         bad.write_bytes(data[:n])
         model = tiny.TinyLM()
-        fails(model, ValueError, "cut.*not a valid safetensors file", ll.load, model, bad)
+        refused(model, ValueError, "cut.*not a valid safetensors file", ll.load, model, bad)
 
 
 def test_missing_file(tmp_path):
     model = tiny.TinyLM()
-    fails(model, FileNotFoundError, "nowhere", ll.load, model, tmp_path / "nowhere.safetensors")
+    refused(model, FileNotFoundError, "nowhere", ll.load, model, tmp_path / "nowhere.safetensors")
 
 
 def test_directory_instead_of_file(tmp_path):
     model = tiny.TinyLM()
-    fails(model, (ValueError, IsADirectoryError), str(tmp_path.name), ll.load, model, tmp_path)
+    refused(model, (ValueError, IsADirectoryError), str(tmp_path.name), ll.load, model, tmp_path)
 
 
 def _trap(marker):
@@ -424,7 +375,7 @@ def test_pickle_is_never_unpickled(tmp_path, writer):
     else:
         bad.write_bytes(pickle.dumps(payload))
     model = tiny.TinyLM()
-    fails(model, ValueError, "not a valid safetensors file", ll.load, model, bad)
+    refused(model, ValueError, "not a valid safetensors file", ll.load, model, bad)
     with pytest.raises(ValueError):
         ll.read(bad)
     assert not marker.exists(), "the file was unpickled"
@@ -439,7 +390,7 @@ def test_pickle_is_never_unpickled(tmp_path, writer):
 def test_metadata_with_unknown_config_field(lora_saved, tmp_path):
     bad = rewrite(lora_saved, tmp_path / "bad.safetensors", edit_config=lambda c: c.update(rank=4))
     model = tiny.TinyLM()
-    fails(model, ValueError, r"unknown config field.*'rank'", ll.load, model, bad)
+    refused(model, ValueError, r"unknown config field.*'rank'", ll.load, model, bad)
 
 
 @pytest.mark.parametrize("field,value,exc,match", [
@@ -462,7 +413,7 @@ def test_metadata_that_tries_to_inject_code(lora_saved, tmp_path, field, value, 
         value = value.format(marker=marker)
     bad = rewrite(lora_saved, tmp_path / "bad.safetensors", edit_config=lambda c: c.update({field: value}))
     model = tiny.TinyLM()
-    fails(model, exc, match, ll.load, model, bad)
+    refused(model, exc, match, ll.load, model, bad)
     assert not marker.exists()
 
 
@@ -477,7 +428,7 @@ def test_metadata_that_tries_to_inject_code(lora_saved, tmp_path, field, value, 
 def test_malformed_metadata(lora_saved, tmp_path, edit, match):
     bad = rewrite(lora_saved, tmp_path / "bad.safetensors", metadata=edit)
     model = tiny.TinyLM()
-    fails(model, (ValueError, TypeError), match, ll.load, model, bad)
+    refused(model, (ValueError, TypeError), match, ll.load, model, bad)
 
 
 def test_duplicate_or_empty_targets(lora_saved, tmp_path):
@@ -487,17 +438,17 @@ def test_duplicate_or_empty_targets(lora_saved, tmp_path):
 
     model = tiny.TinyLM()
     bad = rewrite(lora_saved, tmp_path / "dup.safetensors", metadata=dup)
-    fails(model, ValueError, "more than once.*layers.0", ll.load, model, bad)
+    refused(model, ValueError, "more than once.*layers.0", ll.load, model, bad)
     empty = tmp_path / "empty.safetensors"
     save_file({}, str(empty), metadata={**raw(lora_saved)[1], "targets": "[]"})
-    fails(model, ValueError, "no target", ll.load, model, empty)
+    refused(model, ValueError, "no target", ll.load, model, empty)
 
 
 # --- save -------------------------------------------------------------------------------------------
 
 def test_save_with_nothing_attached(tmp_path):
     model = tiny.TinyLM()
-    fails(model, ValueError, "nothing to save", ll.save, model, tmp_path / "a.safetensors")
+    refused(model, ValueError, "nothing to save", ll.save, model, tmp_path / "a.safetensors")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -505,9 +456,9 @@ def test_failed_save_leaves_no_temp_file(tmp_path):
     model = tiny.TinyLM()
     ll.attach(model, ll.LoRAConfig(r=2))
     (tmp_path / "taken").mkdir()
-    fails(model, OSError, "taken", ll.save, model, tmp_path / "taken")
+    refused(model, OSError, "taken", ll.save, model, tmp_path / "taken")
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
-    fails(model, FileNotFoundError, "no/such", ll.save, model, tmp_path / "no" / "such" / "dir.safetensors")
+    refused(model, FileNotFoundError, "no/such", ll.save, model, tmp_path / "no" / "such" / "dir.safetensors")
 
 
 SAVER = textwrap.dedent("""
@@ -609,7 +560,7 @@ def test_merge_refuses_non_finite_update_before_touching_weights(variant_name, b
         for t in list(layer._parameters.values()) + list(layer._buffers.values()):
             if t is not None and t.is_floating_point() and t.numel() > 0:
                 t.fill_(bad)
-    fails(model, ValueError, f"{name}.*not finite", ll.merge, model)
+    refused(model, ValueError, f"{name}.*not finite", ll.merge, model)
 
 
 def test_merge_refuses_update_that_overflows_the_weight_dtype():
@@ -619,12 +570,12 @@ def test_merge_refuses_update_that_overflows_the_weight_dtype():
     with torch.no_grad():
         model[0].lora_A.fill_(300.0)
         model[0].lora_B.fill_(300.0)
-    fails(model, ValueError, "0 is not finite", ll.merge, model)
+    refused(model, ValueError, "0 is not finite", ll.merge, model)
 
 
 def test_merge_with_nothing_attached():
     model = tiny.TinyLM()
-    fails(model, ValueError, "nothing to merge", ll.merge, model)
+    refused(model, ValueError, "nothing to merge", ll.merge, model)
 
 
 def test_merge_into_quantized_layer_says_what_to_do():
@@ -634,7 +585,7 @@ def test_merge_into_quantized_layer_says_what_to_do():
     model = nn.Sequential(nn.Linear(16, 16), bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=False)).to("cpu")
     ll.attach(model, ll.LoRAConfig(r=2, target_roles=()))
     perturb(model)
-    err = fails(model, TypeError, "quantized layer 1", ll.merge, model)
+    err = refused(model, TypeError, "quantized layer 1", ll.merge, model)
     assert "float" in str(err) and "ll.load" in str(err)
 
 
@@ -654,9 +605,9 @@ def test_bad_variant_fields(name, field, value):
 def test_negative_step_is_refused():
     model = tiny.TinyLM()
     ll.attach(model, tiny.cfg_for("singlora"))
-    fails(model, ValueError, "step must be >= 0", ll.set_step, model, -1)
+    refused(model, ValueError, "step must be >= 0", ll.set_step, model, -1)
     for bad in (2.5, "3", None):
-        fails(model, TypeError, "step must be an int", ll.set_step, model, bad)
+        refused(model, TypeError, "step must be an int", ll.set_step, model, bad)
 
 
 # --- a real transformers model (Conv1D layers, an input-embedding hook) ------------------------------
@@ -672,18 +623,18 @@ def test_failures_on_a_transformers_model(tmp_path, monkeypatch):
     """attach also hooks the input embedding (for gradient checkpointing): a group_init that fails after
     everything was attached, and a load that does not fit, leave no hook and no tensor behind."""
     model = gpt2()
-    fails(model, ValueError, "'c_atn'", ll.attach, model, ll.LoRAConfig(target_names=("c_atn",)))
+    refused(model, ValueError, "'c_atn'", ll.attach, model, ll.LoRAConfig(target_names=("c_atn",)))
 
     def group_init(model, targets, cfg, calibration_data):
         assert ll.adapted_layers(model) and model.transformer.wte._forward_hooks  # everything was in place
         raise RuntimeError("calibration failed")
 
     monkeypatch.setattr(ll.REGISTRY["lora"], "group_init", staticmethod(group_init), raising=False)
-    fails(model, RuntimeError, "calibration failed", ll.attach, model, ll.LoRAConfig(r=2))
+    refused(model, RuntimeError, "calibration failed", ll.attach, model, ll.LoRAConfig(r=2))
     monkeypatch.undo()
 
     wide = gpt2(n_embd=32)
     ll.attach(wide, ll.LoRAConfig(r=2))
     ll.save(wide, tmp_path / "wide.safetensors")
-    err = fails(model, ValueError, "wrong shapes", ll.load, model, tmp_path / "wide.safetensors")
+    err = refused(model, ValueError, "wrong shapes", ll.load, model, tmp_path / "wide.safetensors")
     assert "transformer.h.0.attn.c_attn.lora_A: file (2, 32) vs model (2, 16)" in str(err)

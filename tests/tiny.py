@@ -104,39 +104,59 @@ def perturb(model, seed=0, scale=0.1):
                 t.add_(scale * torch.randn(t.shape, generator=g))
 
 
-def snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()})
+def snapshot(model: nn.Module) -> dict:
+    """Tensors, buffer names, requires_grad flags, hooks, lora_* attributes and adapted layers of every module."""
+    return {
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "buffers": sorted(n for n, _ in model.named_buffers()),
+        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "hooks": {n: [list(d.items()) for d in (m._forward_hooks, m._forward_pre_hooks,
+                                                m._forward_hooks_with_kwargs, m._forward_pre_hooks_with_kwargs)]
+                  for n, m in model.named_modules()},
+        "attrs": {n: sorted(k for k in m.__dict__ if k.startswith("lora_")) for n, m in model.named_modules()},
+        "adapted": [n for n, _ in ll.adapted_layers(model)],
+    }
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """torch.equal; meta tensors (no values) are the same when their shape and dtype are."""
-    if a.is_meta or b.is_meta:
-        return a.is_meta and b.is_meta and a.shape == b.shape and a.dtype == b.dtype
+    """torch.equal, except that NaN equals NaN (merge tests plant NaNs on purpose) and meta tensors (no
+    values) are the same when their shape and dtype are."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.is_meta != b.is_meta:
+        return False
+    if a.is_meta:
+        return True
+    if a.is_floating_point():
+        return bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
     return torch.equal(a, b)
 
 
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    """Everything `snapshot` holds is as it was: the model may carry an adapter, if it did before."""
+    now = snapshot(model)
+    assert now["tensors"].keys() == before["tensors"].keys(), \
+        f"state_dict keys changed: +{now['tensors'].keys() - before['tensors'].keys()} " \
+        f"-{before['tensors'].keys() - now['tensors'].keys()}"
+    changed = [k for k, v in before["tensors"].items() if not _same(now["tensors"][k], v)]
+    assert not changed, f"tensors changed: {changed}"
+    for part in ("buffers", "grad", "hooks", "attrs", "adapted"):
+        assert now[part] == before[part], f"{part} changed"
+
+
 def assert_restored(model, snap):
-    """Every base tensor bit for bit, every requires_grad flag, and no adapter leftovers."""
-    state, flags = snap
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    changed = [k for k in state if not _same(now[k], state[k])]
-    assert not changed, f"base tensors changed: {changed}"
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    """Unchanged since a snapshot of the bare model: every base tensor bit for bit, every requires_grad flag,
+    and no adapter leftover (lora_* names in any store, hooks)."""
+    assert_unchanged(model, snap)
     for name, m in model.named_modules():
         leftovers = [k for store in (m.__dict__, m._parameters, m._buffers) for k in store if k.startswith("lora_")]
         assert not leftovers, f"{name or 'root'} keeps {leftovers}"
-        assert not m._forward_hooks and not m._forward_pre_hooks, f"{name or 'root'} keeps hooks"
-    assert ll.adapted_layers(model) == []
 
 
 def refused(model, exc, match, fn, *args, **kw):
-    """Run fn(*args), expect `exc` matching `match`, and `model` exactly as before (nothing attached)."""
+    """Run fn(*args), expect `exc` matching `match`, and `model` exactly as it was before the call."""
     snap = snapshot(model)
     with pytest.raises(exc, match=match) as info:
         fn(*args, **kw)
-    assert_restored(model, snap)
+    assert_unchanged(model, snap)
     return info.value
 
 
