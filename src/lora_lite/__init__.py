@@ -5,6 +5,7 @@
 """
 from .adapter_file import read, save
 from .config import AdapterConfig, from_dict
+from .disable import disabled
 from .lifecycle import Handle, attach, attached, detach
 from .loader import load
 from .merge import merge
@@ -22,6 +23,6 @@ from .version import __version__
 
 __all__ = [
     "AdapterConfig", "Handle", "LoRAConfig", "ParamSpec", "REGISTRY", "Variant", "adapted_layers", "attach",
-    "attached", "detach", "export_peft", "from_dict", "load", "merge", "read", "register", "save", "set_step", "summary",
+    "attached", "detach", "disabled", "export_peft", "from_dict", "load", "merge", "read", "register", "save", "set_step", "summary",
     "track_steps", "DeLoRAConfig", "PiSSAConfig", "GraLoRAConfig", "SingLoRAConfig", "__version__",
 ]

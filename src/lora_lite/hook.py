@@ -14,11 +14,15 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
-from .state import ADDED, RAN, WATCH
+from .state import ADDED, DISABLED, RAN, WATCH
 
 
 def adapter_hook(layer: nn.Module, args: tuple, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
     """Run the layer's variant on its input and output; the layer's own forward is untouched."""
+    # inside ll.disabled: the layer's own output. A key test on lora_state, which dynamo guards (it would not
+    # guard a read of layer.__dict__), on presence only: nested blocks change the count, not the graph
+    if DISABLED in layer.lora_state:
+        return None
     x = args[0] if args else next(iter(kwargs.values()))  # whatever the input is called (Conv1D: `x`)
     # the adapter computes in its parameters' dtype: cfg.dtype at attach, or what model.to(...) made of it
     added = layer.__dict__[ADDED]

@@ -19,6 +19,7 @@ REPACK = "lora_cpu_repack"  # on the root: bitsandbytes CPU-repack switches held
 HITS = "lora_pattern_hits"  # on the root: {target_names pattern: modules it selected}, from attach
 WATCH = "lora_watch"  # on the root until its first forward: [(name, adapted layer, its caller)]
 RAN = "lora_ran"  # on a watched module whose forward ran during that first forward
+DISABLED = "disabled"  # in an adapted layer's lora_state inside ll.disabled: how many disabled blocks hold it
 
 
 def adapted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
