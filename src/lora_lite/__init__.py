@@ -13,6 +13,7 @@ from .peft_format import export_peft
 from .schedule import set_step, track_steps
 from .state import adapted_layers
 from .summary import summary
+from .swap import swap
 from .variant import REGISTRY, ParamSpec, Variant, register
 from .variants.delora import DeLoRAConfig
 from .variants.gralora import GraLoRAConfig
@@ -23,6 +24,7 @@ from .version import __version__
 
 __all__ = [
     "AdapterConfig", "Handle", "LoRAConfig", "ParamSpec", "REGISTRY", "Variant", "adapted_layers", "attach",
-    "attached", "detach", "disabled", "export_peft", "from_dict", "load", "merge", "read", "register", "save", "set_step", "summary",
-    "track_steps", "DeLoRAConfig", "PiSSAConfig", "GraLoRAConfig", "SingLoRAConfig", "__version__",
+    "attached", "detach", "disabled", "export_peft", "from_dict", "load", "merge", "read", "register", "save",
+    "set_step", "summary", "swap", "track_steps", "DeLoRAConfig", "PiSSAConfig", "GraLoRAConfig", "SingLoRAConfig",
+    "__version__",
 ]

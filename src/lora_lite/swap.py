@@ -1,0 +1,81 @@
+"""`ll.swap(model, path)`: the values of another saved adapter, copied into the attached one in place.
+
+The file must hold an adapter of the same variant and config, for the same target layers, with every
+tensor of the same shape and dtype as the live one. The values are copied into the live Parameter and
+buffer objects, so an optimizer built before keeps training them (its moments are the old adapter's, as
+after any in-place edit) and a compiled model runs the new values without recompiling: dynamo guards on
+the tensors' identity and metadata, which a copy keeps. Selection fields (target_names, roles, layers) may
+differ: the target list itself is compared.
+
+The file is read and checked by the loader's own functions (a lora-lite file or a PEFT adapter folder,
+the same fit check as `ll.load`), and every check runs before the first value is copied: on any mismatch
+the model is left exactly as it was.
+"""
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from .adapter_file import listing, read
+from .config import AdapterConfig
+from .lifecycle import layer_specs, variant_for
+from .loader import by_canonical, check_fit, fill, targets_named
+from .peft_format import is_peft_adapter, read_peft
+from .state import adapted_layers, full_key, lora_tensors
+from .target import Target
+from .wrappers import unwrap
+
+# what chose the targets (the target list is compared instead), and the dtype (compared tensor by tensor)
+NOT_COMPARED = ("target_roles", "target_names", "exclude_names", "layers", "dtype")
+
+
+def _check_config(file: AdapterConfig, live: AdapterConfig, where: str) -> None:
+    if file.variant != live.variant:
+        raise ValueError(f"ll.swap: {where} holds a {file.variant} adapter, the model carries {live.variant}: "
+                         f"swap takes an adapter of the same variant (ll.detach, then ll.load, to change it)")
+    a, b = file.to_dict(), live.to_dict()
+    differ = [f"{k}: file {a.get(k)!r} vs attached {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+              if k not in NOT_COMPARED and a.get(k) != b.get(k)]
+    if differ:
+        raise ValueError(f"ll.swap: {where} was saved with another config ({'; '.join(differ)}): swap takes "
+                         f"an adapter of the same config (ll.detach, then ll.load, to change it)")
+
+
+def _check_targets(targets: list[Target], adapted: list[str], where: str) -> None:
+    file, live = {t.name for t in targets}, set(adapted)
+    problems = [f"{what}: {listing(names)}" for what, names in (
+        ("in the file, not adapted here", file - live), ("adapted here, not in the file", live - file)) if names]
+    if problems:
+        raise ValueError(f"ll.swap: {where} targets other layers than the attached adapter ({'; '.join(problems)})")
+
+
+def _check_dtypes(targets: list[Target], tensors: dict, where: str) -> None:
+    wrong = [f"{full_key(t.name, k)}: file {str(tensors[full_key(t.name, k)].dtype).removeprefix('torch.')} vs "
+             f"model {str(v.dtype).removeprefix('torch.')}"
+             for t in targets for k, v in lora_tensors(t.layer).items() if tensors[full_key(t.name, k)].dtype != v.dtype]
+    if wrong:
+        raise ValueError(f"ll.swap: {where} holds tensors of another dtype than the attached adapter: "
+                         f"{listing(wrong)}. Cast the file, or the model's adapter (model.to), to match")
+
+
+def swap(model: nn.Module, path: str | os.PathLike) -> None:
+    """Copy the adapter saved in `path` (a lora-lite file or a PEFT adapter folder) into the attached adapter
+    in place: same Parameter objects, so optimizers and compiled graphs stay valid. Any mismatch (variant,
+    config, targets, shapes, dtypes, invalid values, an unreadable file) is an error and changes nothing."""
+    root = unwrap(model)
+    layers = adapted_layers(root)
+    if not layers:
+        raise ValueError("ll.swap: no adapter is attached to this model: use ll.load(model, path) to attach one")
+    cfg, names, tensors = read_peft(path, root) if is_peft_adapter(path) else read(path)
+    where = os.fspath(path)
+    _check_config(cfg, layers[0][1].lora_config, where)
+    targets = targets_named(root, names, where)
+    _check_targets(targets, [n for n, _ in layers], where)
+    variant = variant_for(cfg)
+    specs = layer_specs(variant, targets, cfg)  # the same config on the same layers: the live shapes
+    expected = {full_key(t.name, k) for t, layer in zip(targets, specs) for k in layer}
+    tensors = {k: tensors[v] for k, v in by_canonical(tensors, expected, where, "keys name the same tensor").items()}
+    check_fit(targets, specs, tensors, cfg, variant, where)
+    _check_dtypes(targets, tensors, where)
+    fill(targets, tensors)
