@@ -214,10 +214,10 @@ def test_deepcopy_is_independent(variant_name, model, ids):
 
 def test_summary_lists_every_target(variant_name, model):
     handle = ll.attach(model, tiny.cfg_for(variant_name))
-    text = ll.summary(model)
+    text = ll.summary(model, verbose=True)
     lines = text.splitlines()
     for t in handle.targets:
         row = next(line for line in lines if line.split()[0] == t.name)
-        assert row.split()[1:4] == [t.role, f"{t.d_in}->{t.d_out}", variant_name], row
+        assert row.split()[1:5] == [t.role, f"{t.d_in}->{t.d_out}", variant_name, "4"], row
     total = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
-    assert f"{len(handle.targets)} layers, {total:,} trainable adapter params" in text
+    assert f"{len(handle.targets)} layers adapted" in text and f"trainable params: {total:,} ||" in text

@@ -1,39 +1,71 @@
-"""`ll.summary`: what is adapted, with role, shape, variant and trainable parameters; the width each
-sub-model's roles were judged against; what each target_names pattern matched at attach (patterns are never
-re-run: a file's patterns are never run at all); the heads left out by default; what cannot be adapted."""
+"""`ll.summary`: what is adapted, at a glance — one row per kind of module (`model.layers.*.self_attn.q_proj
+×24`: block and expert indices become `*`) with role, shape, variant, rank and trainable parameters; the
+per-layer table with `verbose=True` — then PEFT's `print_trainable_parameters` line, the width each sub-model's
+roles were judged against, what each target_names pattern matched at attach (patterns are never re-run: a
+file's patterns are never run at all), the heads left out by default, and what cannot be adapted."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from torch import nn
 
-from .anatomy import BLOCK_INDEX, candidates, widths
+from .anatomy import candidates, widths
 from .exclusions import heads, unadaptable
-from .state import HITS, adapted_layers, lora_tensors
-from .weights import dims
+from .state import HITS, adapted_layers
+from .weights import dims, param_count
 from .wrappers import unwrap
 
+INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")  # a numeric path part: a block, an expert, a list entry
+HEADER = ("module", "role", "d_in->d_out", "variant", "r", "trainable")
 
-def summary(model: nn.Module) -> str:
-    """A table of adapted layers: module, role, d_in->d_out, variant, trainable params; totals and %."""
+
+def rank_of(layer: nn.Module) -> int:
+    """The adapter's rank on `layer`: the one place summary reads it (per-module ranks change only this)."""
+    return layer.lora_config.r
+
+
+def kind_of(name: str) -> str:
+    """`model.layers.3.mlp.experts.5.up_proj` -> `model.layers.*.mlp.experts.*.up_proj`."""
+    return INDEX.sub("*", name)
+
+
+def trainable_line(root: nn.Module) -> str:
+    """PEFT's `print_trainable_parameters` line, counted as PEFT counts (all params include the adapter's)."""
+    params = list(root.parameters())
+    total = sum(param_count(p) for p in params)
+    trainable = sum(param_count(p) for p in params if p.requires_grad)
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+def _rows(root: nn.Module, layers: list[tuple[str, nn.Module]], verbose: bool) -> list[tuple[str, ...]]:
+    """(module, role, shape, variant, r, trainable) per layer, or per kind of layer with its count."""
+    roles = {t.name: t.role for t in candidates(root)}
+    kinds: dict[tuple, list[int]] = {}  # insertion order: model order of each kind's first layer
+    for name, layer in layers:
+        n = sum(p.numel() for p in layer._parameters.values() if p is not None and p.requires_grad)
+        d_in, d_out = dims(layer)
+        key = (name if verbose else kind_of(name), roles.get(name) or "square?", f"{d_in}->{d_out}",
+               layer.lora_variant.name, str(rank_of(layer)))
+        kinds.setdefault(key, [0, 0])
+        kinds[key][0] += 1
+        kinds[key][1] += n
+    return [(f"{key[0]} ×{count}" if count > 1 else key[0], *key[1:], f"{n:,}") for key, (count, n) in kinds.items()]
+
+
+def summary(model: nn.Module, verbose: bool = False) -> str:
+    """One row per kind of adapted module (every layer with `verbose=True`): module, role, d_in->d_out, variant,
+    r, trainable params; PEFT's trainable-parameters line; then widths, pattern hits, heads, what cannot be adapted."""
     root = unwrap(model)
     layers = adapted_layers(root)
     if not layers:
         return "no adapter attached"
-    roles = {t.name: t.role for t in candidates(root)}
-    rows = [("module", "role", "d_in->d_out", "variant", "trainable")]
-    total = 0
-    for name, layer in layers:
-        n = sum(p.numel() for p in layer._parameters.values() if p is not None and p.requires_grad)
-        total += n
-        d_in, d_out = dims(layer)
-        rows.append((name, roles.get(name) or "square?", f"{d_in}->{d_out}", layer.lora_variant.name, f"{n:,}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    adapter = {id(t) for _, layer in layers for t in lora_tensors(layer).values()}
-    base = sum(p.numel() for p in root.parameters() if id(p) not in adapter)
-    lines.append(f"{len(layers)} layers, {total:,} trainable adapter params = {100 * total / max(base, 1):.4f}% "
-                 f"of {base:,} base params")
+    rows = [HEADER, *_rows(root, layers, verbose)]
+    cols = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, cols)).rstrip() for r in rows]
+    kinds = "" if verbose else f", {len(rows) - 1} kinds (ll.summary(model, verbose=True) lists each layer)"
+    lines.append(f"{len(layers)} layers adapted{kinds}")
+    lines.append(trainable_line(root))
     return "\n".join(lines + _structure(root, {n for n, _ in layers}))
 
 
@@ -48,8 +80,7 @@ def _structure(root: nn.Module, adapted: set[str]) -> list[str]:
     if left:
         lines.append("heads left out (name them in target_names to adapt): "
                      + ", ".join(f"{n} ({why})" for n, why in left.items()))
-    groups = Counter((BLOCK_INDEX.sub(lambda m: m.group(0).replace(m.group(1), "*"), u.name, count=1), u.kind)
-                     for u in unadaptable(root))
+    groups = Counter((kind_of(u.name), u.kind) for u in unadaptable(root))
     if groups:
         lines.append("not adaptable:")
         lines += [f"  {name} ({kind})" + (f" x{n}" if n > 1 else "") for (name, kind), n in list(groups.items())[:30]]

@@ -46,6 +46,12 @@ def dims(layer: nn.Module) -> tuple[int, int]:
     return layer.in_features, layer.out_features
 
 
+def param_count(p: torch.Tensor) -> int:
+    """The parameters `p` stands for, as PEFT counts them: a bitsandbytes 4-bit weight packs two values a byte
+    (times the bytes of its storage type), so its numel is the packed one."""
+    return p.numel() * 2 * p.element_size() if type(p).__name__ == "Params4bit" else p.numel()
+
+
 def is_quantized(layer: nn.Module) -> bool:
     w = layer.weight
     return getattr(w, "quant_state", None) is not None or not w.dtype.is_floating_point
