@@ -41,16 +41,17 @@ def trainable_line(root: nn.Module) -> str:
 def _rows(root: nn.Module, layers: list[tuple[str, nn.Module]], verbose: bool) -> list[tuple[str, ...]]:
     """(module, role, shape, variant, r, trainable) per layer, or per kind of layer with its count."""
     roles = {t.name: t.role for t in candidates(root)}
-    kinds: dict[tuple, list[int]] = {}  # insertion order: model order of each kind's first layer
+    kinds: dict[tuple, list] = {}  # insertion order: model order of each kind's first layer
     for name, layer in layers:
         n = sum(p.numel() for p in layer._parameters.values() if p is not None and p.requires_grad)
         d_in, d_out = dims(layer)
         key = (name if verbose else kind_of(name), roles.get(name) or "square?", f"{d_in}->{d_out}",
                layer.lora_variant.name, str(rank_of(layer)))
-        kinds.setdefault(key, [0, 0])
-        kinds[key][0] += 1
-        kinds[key][1] += n
-    return [(f"{key[0]} ×{count}" if count > 1 else key[0], *key[1:], f"{n:,}") for key, (count, n) in kinds.items()]
+        entry = kinds.setdefault(key, [0, 0, name])  # a kind of one layer is shown by its own name
+        entry[0] += 1
+        entry[1] += n
+    return [(f"{key[0]} ×{count}" if count > 1 else first, *key[1:], f"{n:,}")
+            for key, (count, n, first) in kinds.items()]
 
 
 def summary(model: nn.Module, verbose: bool = False) -> str:

@@ -51,9 +51,9 @@ def _check_targets(targets: list[Target], adapted: list[str], where: str) -> Non
 
 
 def _check_dtypes(targets: list[Target], tensors: dict, where: str) -> None:
-    wrong = [f"{full_key(t.name, k)}: file {str(tensors[full_key(t.name, k)].dtype).removeprefix('torch.')} vs "
-             f"model {str(v.dtype).removeprefix('torch.')}"
-             for t in targets for k, v in lora_tensors(t.layer).items() if tensors[full_key(t.name, k)].dtype != v.dtype]
+    pairs = [(full_key(t.name, k), v.dtype) for t in targets for k, v in lora_tensors(t.layer).items()]
+    wrong = [f"{key}: file {str(tensors[key].dtype).removeprefix('torch.')} vs model {str(dtype).removeprefix('torch.')}"
+             for key, dtype in pairs if tensors[key].dtype != dtype]
     if wrong:
         raise ValueError(f"ll.swap: {where} holds tensors of another dtype than the attached adapter: "
                          f"{listing(wrong)}. Cast the file, or the model's adapter (model.to), to match")
