@@ -50,9 +50,13 @@ def _check_targets(targets: list[Target], adapted: list[str], where: str) -> Non
         raise ValueError(f"ll.swap: {where} targets other layers than the attached adapter ({'; '.join(problems)})")
 
 
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _check_dtypes(targets: list[Target], tensors: dict, where: str) -> None:
     pairs = [(full_key(t.name, k), v.dtype) for t in targets for k, v in lora_tensors(t.layer).items()]
-    wrong = [f"{key}: file {str(tensors[key].dtype).removeprefix('torch.')} vs model {str(dtype).removeprefix('torch.')}"
+    wrong = [f"{key}: file {_name(tensors[key].dtype)} vs model {_name(dtype)}"
              for key, dtype in pairs if tensors[key].dtype != dtype]
     if wrong:
         raise ValueError(f"ll.swap: {where} holds tensors of another dtype than the attached adapter: "
