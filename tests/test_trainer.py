@@ -1,5 +1,6 @@
-"""transformers Trainer with a hooked model: it trains the adapter only, AdapterCallback drives the step, puts the
-adapter file in every checkpoint (and no base copy), resumes exactly, and a bitsandbytes 4-bit base trains through allow_quantized_training.
+"""transformers Trainer with a hooked model: it trains the adapter only; AdapterCallback drives the step, puts
+the adapter file (and no base copy) in every checkpoint and resumes exactly; a bitsandbytes 4-bit base trains
+through allow_quantized_training.
 """
 import pytest
 import tiny
@@ -137,6 +138,15 @@ def test_checkpoint_holds_adapter_and_state_but_no_base(tmp_path):
         with safe_open(str(f), framework="pt") as st:
             assert not base & set(st.keys()), f.name
     assert model._keys_to_ignore_on_save == ignored  # restored at train end: save_pretrained writes it all again
+
+
+def test_callback_refuses_a_bare_model(tmp_path):
+    torch.manual_seed(0)
+    model = llama()
+    snap = tiny.snapshot(model)
+    with pytest.raises(ValueError, match="AdapterCallback: no lora-lite adapter is attached"):
+        trainer(model, tmp_path, steps=1).train()
+    tiny.assert_unchanged(model, snap)
 
 
 @pytest.mark.parametrize("name", ["lora", "singlora"])
