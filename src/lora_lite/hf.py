@@ -1,12 +1,14 @@
-"""Optional transformers integration: the adapter file in every Trainer checkpoint, and Trainer on a
-quantized base. Imports transformers; the rest of lora-lite does not.
+"""Optional transformers integration: a plain Trainer trains, checkpoints (adapter only, no base copy) and
+resumes a lora-lite adapter exactly, and trains on a quantized base. Imports transformers; the rest of
+lora-lite does not.
 
-    from lora_lite.hf import SaveAdapterCallback, allow_quantized_training
+    from lora_lite.hf import AdapterCallback, allow_quantized_training
 
     ll.attach(model, cfg)
     with allow_quantized_training(model):          # only needed for a 4-bit / 8-bit base
-        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[SaveAdapterCallback()])
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[AdapterCallback()])
     trainer.train()                                # checkpoint-N/adapter.safetensors at every save
+    trainer.train(resume_from_checkpoint=True)     # continues exactly
 """
 from __future__ import annotations
 
@@ -18,27 +20,71 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapter_file import save
+from .schedule import set_step
 from .state import adapted_layers
 from .wrappers import unwrap
 
 PEFT_FLAG = "_hf_peft_config_loaded"
+IGNORE = "_keys_to_ignore_on_save"  # transformers drops these state_dict keys in save_pretrained
 
 
-class SaveAdapterCallback(TrainerCallback):
-    """On each Trainer save, write the adapter alone (`ll.save`) into the checkpoint folder.
+class AdapterCallback(TrainerCallback):
+    """Everything a plain `Trainer` needs to train a lora-lite adapter, checkpoint it and resume exactly.
 
-    `ll.load(base_model, "out/checkpoint-500/adapter.safetensors")` then restores it without the rest
-    of the checkpoint. Only the main process writes.
+    - Step-scheduled variants (SingLoRA's ramp) follow Trainer's `global_step`, the count of optimizer
+      steps: set at train begin (0, or the resumed step) and after every optimizer step, so gradient
+      accumulation and resuming need nothing more.
+    - Each checkpoint gets the adapter file (`ll.save`), loadable alone with `ll.load(base, path)`.
+    - Checkpoints hold no copy of the frozen base. Mechanism: transformers' own `_keys_to_ignore_on_save`,
+      set on this model instance (not the class) for the length of `train()`; `save_pretrained` drops those
+      keys, so `model.safetensors` holds only the `lora_*` tensors (and `modules_to_save`), beside Trainer's
+      optimizer, scheduler, RNG and trainer state. Resuming needs no override either: Trainer's
+      `_load_from_checkpoint` and `_load_best_model` load that file with `load_state_dict(strict=False)`,
+      which restores the adapter (SingLoRA's step included) into the model the user attached, and the base
+      it leaves alone is the one already in memory (Trainer logs those keys as missing). Chosen over
+      deleting the base file in `on_save` (written, then removed) and over patching Trainer's `_save`.
+      The attribute is restored at train end: a later `save_pretrained` writes the whole model again.
+    Only the main process writes the adapter file.
     """
 
     def __init__(self, filename: str = "adapter.safetensors"):
         self.filename = filename
+        self._saved_ignore = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        root = unwrap(model)
+        if not adapted_layers(root):
+            raise ValueError("AdapterCallback: no lora-lite adapter is attached; ll.attach(model, cfg) "
+                             "before trainer.train()")
+        trained = {n for n, p in root.named_parameters() if p.requires_grad}
+        keep = trained | {n for n in root.state_dict() if n.rsplit(".", 1)[-1].startswith("lora_")}
+        self._saved_ignore = (IGNORE in vars(root), vars(root).get(IGNORE))
+        old = set(getattr(root, IGNORE, None) or ())
+        vars(root)[IGNORE] = old | {n for n in root.state_dict() if n not in keep}
+        set_step(root, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        set_step(unwrap(model), state.global_step)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
             save(model, os.path.join(folder, self.filename))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        root = unwrap(model)
+        if self._saved_ignore is None:
+            return
+        had, before = self._saved_ignore
+        if had:
+            vars(root)[IGNORE] = before
+        else:
+            vars(root).pop(IGNORE, None)
+        self._saved_ignore = None
+
+
+SaveAdapterCallback = AdapterCallback  # the earlier name
 
 
 @contextlib.contextmanager
