@@ -20,7 +20,7 @@ from transformers import (BertConfig, BertForQuestionAnswering, CLIPConfig, CLIP
                           CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
                           LlavaConfig, LlavaForConditionalGeneration, MixtralConfig, MixtralForCausalLM,
                           Qwen3MoeConfig, Qwen3MoeForCausalLM, RobertaConfig, RobertaForSequenceClassification,
-                          T5Config, T5ForConditionalGeneration, ViTConfig, ViTForImageClassification)
+                          T5Config, T5ForConditionalGeneration)
 
 import lora_lite as ll
 import tiny
@@ -82,12 +82,6 @@ def qwen3_moe():
                                                      moe_intermediate_size=16, num_hidden_layers=2,
                                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                                      num_experts=4, num_experts_per_tok=2))
-
-
-def vit():
-    return build(ViTForImageClassification, ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                      intermediate_size=64, image_size=32, patch_size=16,
-                                                      num_labels=5))
 
 
 def names(prefix: str, leaves, blocks=range(2)) -> set[str]:
@@ -408,7 +402,7 @@ def test_models_with_nothing_linear_say_what_they_hold():
 
 
 def test_vit_patch_embedding_is_listed():
-    assert [(u.name, u.kind) for u in unadaptable(vit())] == [("vit.embeddings.patch_embeddings.projection",
+    assert [(u.name, u.kind) for u in unadaptable(tiny.vit())] == [("vit.embeddings.patch_embeddings.projection",
                                                                "Conv2d")]
 
 
@@ -417,7 +411,7 @@ def test_vit_patch_embedding_is_listed():
 @pytest.mark.parametrize("variant", ["lora", "pissa", "gralora"])
 def test_vit_classifier_is_left_out(variant):
     """With the 5-label head adapted, PiSSA (r > 5) and GraLoRA (k does not divide 5) refused to attach."""
-    model = vit()
+    model = tiny.vit()
     cfg = tiny.cfg_for(variant, r=8, **({"k": 4} if variant == "gralora" else {}))
     with ll.attached(model, cfg) as handle:
         assert {t.name for t in handle.targets} == names("vit.layers.{i}", (

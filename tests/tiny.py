@@ -21,6 +21,8 @@ from transformers import (
     LlamaForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
 )
 
 import lora_lite as ll
@@ -203,6 +205,13 @@ def llama():
 def gpt2():
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=2, n_head=2, n_positions=32,
                                       bos_token_id=0, eos_token_id=0))
+
+
+def vit():
+    """An image classifier: a ViT encoder and a fresh 5-way `classifier` head."""
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=64, image_size=32, patch_size=16, num_labels=5)).eval()
 
 
 def bert():

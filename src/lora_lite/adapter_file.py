@@ -8,6 +8,7 @@ files are opened (a FIFO would block). A folder holding a PEFT adapter is read b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import stat
@@ -20,8 +21,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import AdapterConfig, from_dict
-from .state import adapted_layers, full_key, lora_tensors
+from .state import adapted_layers, full_key, lora_tensors, model_config, saved_modules
 from .version import __version__
+from .wrappers import unwrap
 
 FORMAT = "lora-lite"
 TEMP_STEM = 100  # bytes of the file name kept in the temp name: ".{stem}.{8 random}.tmp" stays < 255
@@ -34,10 +36,20 @@ def listing(keys, limit: int = 20) -> str:
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every adapter tensor by full key, copied to the CPU in one pass before anything is written, so a
-    training thread that keeps updating the adapter cannot tear the file; FSDP2 shards are gathered."""
-    return {full_key(name, k): (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu", copy=True)
-            for name, layer in adapted_layers(model) for k, v in lora_tensors(layer).items()}
+    """Every adapter tensor (and modules_to_save value) by full key, copied to the CPU in one pass before
+    anything is written, so a training thread that keeps updating the adapter cannot tear the file; FSDP2
+    shards are gathered."""
+    live = {full_key(name, k): v for name, layer in adapted_layers(model) for k, v in lora_tensors(layer).items()}
+    live |= {full_key(path, k): v for path, m in saved_modules(unwrap(model)).items() for k, v in m.state_dict().items()}
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu", copy=True) for k, v in live.items()}
+
+
+def file_config(model: nn.Module) -> AdapterConfig:
+    """The config as a file records it: rank / alpha patterns and modules_to_save resolved to the exact module
+    paths they hit, so a reload matches names and runs no pattern."""
+    root = unwrap(model)
+    resolved = model_config(root).resolved([n for n, _ in adapted_layers(root)])
+    return dataclasses.replace(resolved, modules_to_save=tuple(saved_modules(root)))
 
 
 def metadata(cfg: AdapterConfig, tensors: dict[str, torch.Tensor], targets: list[str]) -> dict[str, str]:
@@ -96,7 +108,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     tensors = snapshot(model)
     if sharded and torch.distributed.get_rank() != 0:
         return
-    write_atomic(tensors, metadata(layers[0][1].lora_config, tensors, [n for n, _ in layers]), path)
+    write_atomic(tensors, metadata(file_config(model), tensors, [n for n, _ in layers]), path)
 
 
 def _path(path) -> str:

@@ -10,7 +10,7 @@ import dataclasses
 import math
 import re
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +25,7 @@ DTYPES = {
 }
 
 CONFIGS: dict[str, type["AdapterConfig"]] = {}  # variant name -> config class, filled by @register
+PLAIN = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")  # a module path, or its tail: no regex syntax
 INT64_MAX = 2**63 - 1  # every int field ends up in an int64 tensor or index: larger values overflow later
 
 
@@ -52,6 +53,9 @@ class AdapterConfig:
     target_names: tuple[str, ...] = ()  # plain path tails or regexes; any may match, each must match something
     exclude_names: tuple[str, ...] = ()  # added to the default exclusions (heads, embeddings)
     layers: tuple[int, ...] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # module name or pattern -> r (PEFT's meaning)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # module name or pattern -> alpha
+    modules_to_save: tuple[str, ...] = ()  # whole modules trained beside the adapter (modules_to_save.py)
 
     def __post_init__(self):
         if isinstance(self.dtype, str):
@@ -64,14 +68,15 @@ class AdapterConfig:
         check_number("dropout", self.dropout)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("target_roles", "target_names", "exclude_names"):
+        for name in ("target_roles", "target_names", "exclude_names", "modules_to_save"):
             value = getattr(self, name)
             if isinstance(value, str):  # a bare string would iterate as characters
                 value = (value,)
             if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
                 raise TypeError(f"{name} must be a tuple of strings, got {value!r}")
             setattr(self, name, tuple(value))
-        for name in ("target_names", "exclude_names"):
+        self._check_patterns()
+        for name in ("target_names", "exclude_names", "modules_to_save"):
             for pattern in getattr(self, name):
                 if not pattern:  # as a regex it would match every module
                     raise ValueError(f"{name} has an empty pattern; remove it")
@@ -88,6 +93,43 @@ class AdapterConfig:
             self.layers = tuple(self.layers)
             if any(isinstance(i, bool) or not isinstance(i, int) for i in self.layers):
                 raise TypeError(f"layers must be ints, got {self.layers!r}")
+
+    def _check_patterns(self) -> None:
+        for name, check in (("rank_pattern", lambda k, v: check_int(k, v, 1)), ("alpha_pattern", check_number)):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict) or not all(isinstance(k, str) and k for k in pattern):
+                raise TypeError(f"{name} must be a dict of module names or patterns to numbers, got {pattern!r:.200}")
+            for key, value in pattern.items():
+                check(f"{name}[{key!r:.80}]", value)
+                if not PLAIN.fullmatch(key):
+                    try:
+                        re.compile(key)
+                    except re.error as e:
+                        raise ValueError(f"{name} key {key!r:.80} is not a valid regex: {e}") from None
+
+    def for_layer(self, name: str) -> "AdapterConfig":
+        """This config with the r and alpha that `rank_pattern` / `alpha_pattern` give the module `name`.
+
+        PEFT's rule (`get_pattern_key`): the first key, in order, that matches the end of the path after a
+        dot. A plain key (identifier characters and dots) is compared as whole path parts, never run as a
+        regex, so the exact names a saved file records are safe to match."""
+        r = self.rank_pattern.get(pattern_key(self.rank_pattern, name), self.r)
+        alpha = self.alpha_pattern.get(pattern_key(self.alpha_pattern, name), self.alpha)
+        return self if (r, alpha) == (self.r, self.alpha) else dataclasses.replace(self, r=r, alpha=alpha)
+
+    def resolved(self, names: list[str]) -> "AdapterConfig":
+        """This config with its patterns replaced by the exact module names whose r or alpha they change
+        (what a file records: reloading it matches names, runs no pattern)."""
+        layer = {n: self.for_layer(n) for n in names}
+        ranks = {n: c.r for n, c in layer.items() if c.r != self.r}
+        alphas = {n: c.alpha for n, c in layer.items() if c.alpha != self.alpha}
+        return dataclasses.replace(self, rank_pattern=ranks, alpha_pattern=alphas)
+
+    def check_patterns_used(self, names: list[str]) -> None:
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            unused = [k for k in getattr(self, field_name) if not any(pattern_key([k], n) for n in names)]
+            if unused:
+                raise ValueError(f"{field_name} keys {unused} match no adapted layer (a typo?); adapted: {names[:10]}")
 
     def _check_ints(self) -> None:
         """Every int field of every variant's config is an int in [0, 2**63 - 1] (None where allowed)."""
@@ -109,6 +151,17 @@ class AdapterConfig:
                 value = list(value)
             d[f.name] = value
         return d
+
+
+def pattern_key(keys, name: str) -> str | None:
+    """The first of `keys` that names `name` (PEFT's `(.*\.)?(key)$`), or None."""
+    for key in keys:
+        if PLAIN.fullmatch(key):
+            if key == name or name.endswith(f".{key}"):
+                return key
+        elif re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
 
 
 def check_int(name: str, value: Any, minimum: int, maximum: int = INT64_MAX) -> None:
@@ -148,7 +201,7 @@ def from_dict(d: dict[str, Any]) -> AdapterConfig:
         raise ValueError(f"unknown config field(s) {unknown} for variant {name!r}; known: {sorted(known)}")
     if "dtype" in d and not isinstance(d["dtype"], str):
         raise TypeError(f"dtype must be a string name, got {d['dtype']!r}")
-    for key in ("target_roles", "target_names", "exclude_names", "layers"):
+    for key in ("target_roles", "target_names", "exclude_names", "layers", "modules_to_save"):
         if isinstance(d.get(key), list):
             d[key] = tuple(d[key])
     return cls(**d)

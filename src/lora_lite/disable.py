@@ -5,6 +5,7 @@ Each adapted layer's `lora_state` holds the count of disabled blocks around it. 
 adapter hook returns the layer's own output untouched, so no adapter tensor enters the graph and none gets
 a gradient. A count, not a flag, makes blocks nest: an inner exit leaves the layers disabled until the
 outer one exits. A detach inside the block takes `lora_state` with it, so nothing is left behind.
+The outermost block also puts the original values of the `modules_to_save` back for its duration.
 
 Why a value the hook reads rather than removing the hooks: dynamo does not guard on a module's hooks
 (`torch._dynamo.config.skip_nnmodule_hook_guards`), so a compiled model would keep running the removed
@@ -17,7 +18,9 @@ import contextlib
 
 from torch import nn
 
-from .state import DISABLED, adapted_layers
+from . import modules_to_save
+from .state import DISABLED, adapted_layers, saved_modules
+from .wrappers import unwrap
 
 
 @contextlib.contextmanager
@@ -27,13 +30,18 @@ def disabled(model: nn.Module):
     if not states:
         raise ValueError("ll.disabled: no adapter is attached to this model, so there is nothing to disable "
                          "(attach or load one first; the model already computes its base)")
-    held = []
+    root, held, exchanged = unwrap(model), [], False
     try:
         for state in states:
             state[DISABLED] = state.get(DISABLED, 0) + 1
             held.append(state)  # only what was counted up is counted down: an interrupt here stays exact
+        if saved_modules(root) and not root.__dict__.get(modules_to_save.EXCHANGED):  # the outermost block
+            modules_to_save.exchange(root)
+            exchanged = True
         yield
     finally:
+        if exchanged and root.__dict__.get(modules_to_save.EXCHANGED):  # (not if detached inside the block)
+            modules_to_save.exchange(root)
         for state in held:
             left = state.get(DISABLED, 0) - 1
             if left > 0:

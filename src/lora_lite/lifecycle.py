@@ -19,8 +19,9 @@ from torch import nn
 
 from .anatomy import Target
 from .config import AdapterConfig
+from . import modules_to_save
 from .hook import adapter_hook, input_embeddings, inputs_require_grad, remove_hooks, unwatch, watch
-from .state import ADDED, FLAGS, HITS, REPACK, adapted_layers, clashes, record, remove_added, set_attr
+from .state import ADDED, CONFIG, FLAGS, HITS, REPACK, adapted_layers, clashes, record, remove_added, set_attr
 from .target import pattern_hits, select
 from .variant import REGISTRY, ParamSpec, Variant
 from .weights import hold_cpu_repack, is_cpu_repacked, is_linear_like, release_cpu_repack
@@ -60,13 +61,14 @@ def layer_specs(variant: type[Variant], targets: list[Target], cfg: AdapterConfi
     out = []
     for t in targets:
         try:
-            specs = variant.param_specs(t.d_in, t.d_out, cfg)
+            specs = variant.param_specs(t.d_in, t.d_out, cfg.for_layer(t.name))
         except ValueError as e:
             raise ValueError(f"{e} (layer {t.name}, {t.d_in}->{t.d_out})") from None
         bad = [k for k in specs if not k.startswith("lora_")]
         if bad:
             raise TypeError(f"variant {variant.name} declares tensors {bad}: names must start with 'lora_'")
         out.append(specs)
+    cfg.check_patterns_used([t.name for t in targets])
     _check_size(targets, out, cfg)
     return out
 
@@ -152,7 +154,7 @@ def _install_layer(t: Target, cfg: AdapterConfig, variant: type[Variant], specs:
             layer.register_buffer(key, tensor)
         else:
             layer.register_parameter(key, nn.Parameter(tensor, requires_grad=spec.trainable))
-    set_attr(layer, "lora_config", cfg)
+    set_attr(layer, "lora_config", cfg.for_layer(t.name))  # the r and alpha of this layer
     set_attr(layer, "lora_variant", variant)
     layer.register_forward_hook(adapter_hook, with_kwargs=True)
 
@@ -162,6 +164,7 @@ def install(root: nn.Module, cfg: AdapterConfig, variant: type[Variant], targets
     """Freeze the base; add every target's zero-filled tensors, attributes and hook. Call inside `rollback`."""
     _warn_repacked(root)
     root.__dict__[FLAGS] = {n: p.requires_grad for n, p in root.named_parameters()}
+    root.__dict__[CONFIG] = cfg
     root.__dict__[REPACK] = hold_cpu_repack(root)
     for p in root.parameters():
         p.requires_grad_(False)
@@ -183,7 +186,7 @@ def initialise(targets: list[Target], specs: list[dict[str, ParamSpec]], cfg: Ad
             for key, spec in layer_specs.items():
                 if spec.init is not None:
                     spec.init(getattr(t.layer, key))
-            variant.init(t.layer, cfg)
+            variant.init(t.layer, t.layer.lora_config)
             if not all(bool(v.isfinite().all()) for k, v in t.layer.named_parameters() if k in layer_specs):
                 raise ValueError(f"{variant.name} init gave non-finite values on {t.name}: nothing was attached")
             if (reason := variant.dead_reason(t.layer)) is not None:
@@ -202,9 +205,11 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None) -> Handl
     root = prepare(model)
     variant = variant_for(cfg)
     targets = select(root, cfg)
+    modules = modules_to_save.find(root, cfg, targets)
     specs = layer_specs(variant, targets, cfg)
     with rollback(root):
         install(root, cfg, variant, targets, specs)
+        modules_to_save.train(root, modules)
         initialise(targets, specs, cfg, variant)
         variant.group_init(root, targets, cfg, calibration_data)
         root.__dict__[HITS] = pattern_hits(targets, cfg)
@@ -233,6 +238,7 @@ def detach(model: nn.Module) -> None:
     for _, layer in adapted_layers(root):
         remove_hooks(layer, adapter_hook)
         remove_added(layer)
+    modules_to_save.restore(root)
     release_cpu_repack(root, root.__dict__.get(REPACK, {}))
     flags = root.__dict__.get(FLAGS)
     if flags is not None:
@@ -241,4 +247,5 @@ def detach(model: nn.Module) -> None:
                 p.requires_grad_(flags[name])
     root.__dict__.pop(REPACK, None)
     root.__dict__.pop(HITS, None)
+    root.__dict__.pop(CONFIG, None)
     root.__dict__.pop(FLAGS, None)

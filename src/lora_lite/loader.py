@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from . import modules_to_save
 from .adapter_file import listing, read
-from .config import AdapterConfig
+from .config import PLAIN, AdapterConfig
 from .hook import watch
 from .lifecycle import Handle, install, layer_specs, prepare, rollback, variant_for
 from .peft_format import is_peft_adapter, read_peft
 from .state import full_key, lora_tensors
-from .target import Target, candidates
+from .anatomy import Target, candidates
 from .variant import ParamSpec, Variant
 
 WRAPPER_TOKENS = ("_orig_mod.", "module.")  # what torch.compile and DDP put into state_dict keys
@@ -83,11 +85,52 @@ def check_fit(targets: list[Target], specs: list[dict[str, ParamSpec]], tensors:
         raise ValueError(f"{path} does not fit this model: " + "; ".join(problems))
 
 
+def check_exact(cfg: AdapterConfig, path: str) -> None:
+    """A file names modules by their exact paths (`file_config`): a pattern in it would be run as a regex."""
+    for name in ("rank_pattern", "alpha_pattern", "modules_to_save"):
+        regex = [k for k in getattr(cfg, name) if not PLAIN.fullmatch(k)]
+        if regex:
+            raise ValueError(f"{path}: {name} holds patterns {listing(regex, 5)}, not module paths: a file's "
+                             f"names are matched, never run as regexes (ll.save writes the paths)")
+
+
 def fill(targets: list[Target], tensors: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for t in targets:
             for k, v in lora_tensors(t.layer).items():
                 v.copy_(tensors[full_key(t.name, k)])
+
+
+@dataclass
+class Fit:
+    """A file's adapter, checked against a model: what load installs and swap copies."""
+
+    cfg: AdapterConfig
+    variant: type[Variant]
+    targets: list[Target]
+    specs: list[dict[str, ParamSpec]]
+    tensors: dict[str, torch.Tensor]  # adapter tensors by canonical key
+    modules: dict[str, nn.Module]  # modules_to_save by path
+    saved: dict[str, torch.Tensor]  # their values by full key
+
+
+def fitting(root: nn.Module, path: str | os.PathLike) -> Fit:
+    """Read `path` (a lora-lite file or a PEFT folder) and check every value of it against `root`; touches nothing."""
+    cfg, names, tensors = read_peft(path, root) if is_peft_adapter(path) else read(path)
+    where = os.fspath(path)
+    variant = variant_for(cfg)
+    targets = targets_named(root, names, where)
+    check_exact(cfg, where)
+    modules = modules_to_save.find(root, cfg, targets)
+    tensors, saved = modules_to_save.split(modules, tensors, where)
+    try:
+        specs = layer_specs(variant, targets, cfg)
+    except (ValueError, MemoryError) as e:  # the file's r or shapes: name the file
+        raise type(e)(f"{where}: {e}") from None
+    expected = {full_key(t.name, k) for t, layer in zip(targets, specs) for k in layer}
+    tensors = {k: tensors[v] for k, v in by_canonical(tensors, expected, where, "keys name the same tensor").items()}
+    check_fit(targets, specs, tensors, cfg, variant, where)
+    return Fit(cfg, variant, targets, specs, tensors, modules, saved)
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> Handle:
@@ -98,18 +141,11 @@ def load(model: nn.Module, path: str | os.PathLike) -> Handle:
     tensors) the model is left exactly as it was.
     """
     root = prepare(model)
-    cfg, names, tensors = read_peft(path, root) if is_peft_adapter(path) else read(path)
-    variant = variant_for(cfg)
-    targets = targets_named(root, names, os.fspath(path))
-    try:
-        specs = layer_specs(variant, targets, cfg)
-    except (ValueError, MemoryError) as e:  # the file's r or shapes: name the file
-        raise type(e)(f"{os.fspath(path)}: {e}") from None
-    expected = {full_key(t.name, k) for t, layer in zip(targets, specs) for k in layer}
-    tensors = {k: tensors[v] for k, v in by_canonical(tensors, expected, os.fspath(path), "keys name the same tensor").items()}
-    check_fit(targets, specs, tensors, cfg, variant, os.fspath(path))
+    fit = fitting(root, path)
     with rollback(root):
-        install(root, cfg, variant, targets, specs)
-        fill(targets, tensors)
-        watch(root, [(t.name, t.layer) for t in targets])
-    return Handle(model, cfg, targets)
+        install(root, fit.cfg, fit.variant, fit.targets, fit.specs)
+        fill(fit.targets, fit.tensors)
+        modules_to_save.train(root, fit.modules)
+        modules_to_save.fill(fit.modules, fit.saved)
+        watch(root, [(t.name, t.layer) for t in fit.targets])
+    return Handle(model, fit.cfg, fit.targets)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .lifecycle import detach
-from .state import adapted_layers, full_key
+from .state import ORIGINALS, adapted_layers, full_key
 from .weights import add_to_weight, is_quantized
 from .wrappers import unwrap
 
@@ -50,4 +50,5 @@ def merge(model: nn.Module) -> None:
             _check(name, layer, owners)
         for _, layer in layers:  # computed again rather than kept: all deltas at once would double the model
             add_to_weight(layer, layer.lora_variant.delta_weight(layer))
+    unwrap(model).__dict__.pop(ORIGINALS, None)  # the modules_to_save keep their trained values
     detach(model)

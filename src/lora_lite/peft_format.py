@@ -31,8 +31,8 @@ from torch import nn
 
 from .adapter_file import listing, open_safetensors, replace_atomically, write_atomic
 from .config import DTYPES, AdapterConfig, check_int, check_number
-from .state import adapted_layers, lora_tensors
-from .target import candidates
+from .state import adapted_layers, lora_tensors, saved_modules
+from .anatomy import candidates
 from .variant import ScaledConfig
 from .variants.delora import DeLoRAConfig
 from .variants.gralora import GraLoRAConfig
@@ -160,6 +160,9 @@ def export_peft(model: nn.Module, folder: str | os.PathLike, form: str = "native
     if not layers:
         raise ValueError("nothing to export: no adapter is attached to this model")
     cfg = layers[0][1].lora_config
+    if saved_modules(root) or any(layer.lora_config != cfg for _, layer in layers):
+        raise ValueError("export_peft does not yet write modules_to_save or per-module ranks / alphas "
+                         "(rank_pattern, alpha_pattern): save with ll.save, which keeps them")
     with torch.no_grad():
         config, tensors = _native(layers, cfg) if form == "native" else _as_lora(layers, cfg, fold=True)
     config |= {"target_modules": _target_modules(root, [n for n, _ in layers]), "bias": "none",

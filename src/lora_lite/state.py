@@ -16,6 +16,8 @@ from .wrappers import unwrap
 ADDED = "lora_added"  # per layer: names of the tensors and attributes attach added
 FLAGS = "lora_requires_grad"  # on the root: {parameter name: requires_grad before attach}
 REPACK = "lora_cpu_repack"  # on the root: bitsandbytes CPU-repack switches held off while attached
+CONFIG = "lora_model_config"  # on the root: the config attach was given (layers hold their own r and alpha)
+ORIGINALS = "lora_originals"  # on the root: {modules_to_save path: {state_dict key: value before attach}}
 HITS = "lora_pattern_hits"  # on the root: {target_names pattern: modules it selected}, from attach
 WATCH = "lora_watch"  # on the root until its first forward: [(name, adapted layer, its caller)]
 RAN = "lora_ran"  # on a watched module whose forward ran during that first forward
@@ -25,6 +27,17 @@ DISABLED = "disabled"  # in an adapted layer's lora_state inside ll.disabled: ho
 def adapted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(canonical name, layer) of every layer that carries an adapter (or part of one), in model order."""
     return [(n, m) for n, m in unwrap(model).named_modules() if ADDED in m.__dict__]
+
+
+def model_config(root: nn.Module):
+    """The config the adapter was attached with; each layer's `lora_config` holds that layer's r and alpha."""
+    layers = adapted_layers(root)
+    return root.__dict__.get(CONFIG) or (layers[0][1].lora_config if layers else None)
+
+
+def saved_modules(root: nn.Module) -> dict[str, nn.Module]:
+    """{path: module} of the modules_to_save trained beside the adapter (modules_to_save.py)."""
+    return {path: root.get_submodule(path) for path in root.__dict__.get(ORIGINALS, {})}
 
 
 def lora_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from torch import nn
 
 from .anatomy import candidates, widths
 from .exclusions import heads, unadaptable
-from .state import HITS, adapted_layers
+from .state import HITS, adapted_layers, saved_modules
 from .weights import dims, param_count
 from .wrappers import unwrap
 
@@ -67,6 +67,8 @@ def summary(model: nn.Module, verbose: bool = False) -> str:
     kinds = "" if verbose else f", {len(rows) - 1} kinds (ll.summary(model, verbose=True) lists each layer)"
     lines.append(f"{len(layers)} layers adapted{kinds}")
     lines.append(trainable_line(root))
+    for path, m in saved_modules(root).items():
+        lines.append(f"trained whole (modules_to_save): {path}, {sum(p.numel() for p in m.parameters()):,} params")
     return "\n".join(lines + _structure(root, {n for n, _ in layers}))
 
 
@@ -77,7 +79,7 @@ def _structure(root: nn.Module, adapted: set[str]) -> list[str]:
     for pattern, hits in root.__dict__.get(HITS, {}).items():
         shown = ", ".join(hits[:3]) + (", ..." if len(hits) > 3 else "")
         lines.append(f"target_names {pattern!r} matched {len(hits)}: {shown}")
-    left = {n: why for n, why in heads(root).items() if n not in adapted}
+    left = {n: why for n, why in heads(root).items() if n not in adapted and n not in saved_modules(root)}
     if left:
         lines.append("heads left out (name them in target_names to adapt): "
                      + ", ".join(f"{n} ({why})" for n, why in left.items()))

@@ -17,13 +17,12 @@ import os
 
 from torch import nn
 
-from .adapter_file import listing, read
+from . import modules_to_save
+from .adapter_file import file_config, listing
+from .anatomy import Target
 from .config import AdapterConfig
-from .lifecycle import layer_specs, variant_for
-from .loader import by_canonical, check_fit, fill, targets_named
-from .peft_format import is_peft_adapter, read_peft
+from .loader import fill, fitting
 from .state import adapted_layers, full_key, lora_tensors
-from .target import Target
 from .wrappers import unwrap
 
 # what chose the targets (the target list is compared instead), and the dtype (compared tensor by tensor)
@@ -71,15 +70,10 @@ def swap(model: nn.Module, path: str | os.PathLike) -> None:
     layers = adapted_layers(root)
     if not layers:
         raise ValueError("ll.swap: no adapter is attached to this model: use ll.load(model, path) to attach one")
-    cfg, names, tensors = read_peft(path, root) if is_peft_adapter(path) else read(path)
     where = os.fspath(path)
-    _check_config(cfg, layers[0][1].lora_config, where)
-    targets = targets_named(root, names, where)
-    _check_targets(targets, [n for n, _ in layers], where)
-    variant = variant_for(cfg)
-    specs = layer_specs(variant, targets, cfg)  # the same config on the same layers: the live shapes
-    expected = {full_key(t.name, k) for t, layer in zip(targets, specs) for k in layer}
-    tensors = {k: tensors[v] for k, v in by_canonical(tensors, expected, where, "keys name the same tensor").items()}
-    check_fit(targets, specs, tensors, cfg, variant, where)
-    _check_dtypes(targets, tensors, where)
-    fill(targets, tensors)
+    fit = fitting(root, path)
+    _check_config(fit.cfg, file_config(root), where)
+    _check_targets(fit.targets, [n for n, _ in layers], where)
+    _check_dtypes(fit.targets, fit.tensors, where)
+    fill(fit.targets, fit.tensors)
+    modules_to_save.fill(fit.modules, fit.saved)

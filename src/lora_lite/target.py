@@ -8,12 +8,9 @@ import re
 from torch import nn
 
 from .anatomy import Target, block_index, candidates
-from .config import AdapterConfig
+from .config import PLAIN, AdapterConfig
 from .exclusions import Unadaptable, heads, unadaptable
 from .wrappers import unwrap
-
-PLAIN = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")  # a module path, or its tail: no regex syntax
-
 
 
 
