@@ -16,7 +16,7 @@ def test_quick_bench_writes_json_and_chart(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--quick", "--out", str(tmp_path)])
+    bench.main(["--quick", "--compile-backend", "aot_eager", "--out", str(tmp_path)])
 
     data = json.loads((tmp_path / "bench.json").read_text())
     assert (tmp_path / "bench.png").stat().st_size > 1000
@@ -29,7 +29,31 @@ def test_quick_bench_writes_json_and_chart(tmp_path, capsys):
         assert set(r["inference_s"]) == {"base", "hooked", "merged", "ref_hooked"}
         assert all(b > 0 for b in r["peak_bytes"].values()), name
         assert 0 < r["ratios"]["flop_floor"] < 1, name
+        assert r["floors"]["memory_s"]["train"] > r["floors"]["memory_s"]["inference"] > 0, name
+        assert set(r["compiled"]["median"]["train"]) == {"base", "ours", "ref"}, name
+        assert set(r["hot_path"]) == {"base", "ours", "ref", "floor_bytes"}, name
     assert set(data["results"]["pissa"]["attach_s"]) == {"ours_svd", "ours_niter4", "ref_pissa", "ref_pissa_niter_4"}
     assert any(t["target"].startswith("lora train overhead") for t in data["targets"])
+    assert sorted(data["sweep"], key=int) == ["32", "64"] and data["machine"]["bandwidth_bytes_per_s"] > 0
     out = capsys.readouterr().out
     assert "Train step" in out and "Targets:" in out
+
+
+def test_device_options_parse_and_pick_the_clock():
+    """Without a GPU: --device/--dtype parse, the clock follows the device, cuda is refused with its reason."""
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    import bench_measure
+
+    a = bench.parse(["--quick", "--dtype", "bfloat16"])
+    assert a.device == "cpu" and a.dtype == "bfloat16"
+    assert isinstance(bench_measure.clock_for("cpu"), bench_measure.HostClock)
+    assert isinstance(bench_measure.clock_for("cuda:0"), bench_measure.CudaClock)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.parse(["--device", "cuda", "--dtype", "bfloat16"])
