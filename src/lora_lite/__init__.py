@@ -9,7 +9,7 @@ from .disable import disabled
 from .lifecycle import Handle, attach, attached, detach
 from .loader import load
 from .merge import merge
-from .peft_format import export_peft
+from .peft_export import export_peft
 from .schedule import set_step, track_steps
 from .state import adapted_layers
 from .summary import summary

@@ -245,7 +245,5 @@ def detach(model: nn.Module) -> None:
         for name, p in root.named_parameters():
             if name in flags:
                 p.requires_grad_(flags[name])
-    root.__dict__.pop(REPACK, None)
-    root.__dict__.pop(HITS, None)
-    root.__dict__.pop(CONFIG, None)
-    root.__dict__.pop(FLAGS, None)
+    for key in (REPACK, HITS, CONFIG, FLAGS):  # the flags last: until then a second detach can restore them
+        root.__dict__.pop(key, None)

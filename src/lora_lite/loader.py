@@ -19,7 +19,8 @@ from .adapter_file import listing, read
 from .config import PLAIN, AdapterConfig
 from .hook import watch
 from .lifecycle import Handle, install, layer_specs, prepare, rollback, variant_for
-from .peft_format import is_peft_adapter, read_peft
+from .peft_format import is_peft_adapter
+from .peft_import import read_peft
 from .state import full_key, lora_tensors
 from .anatomy import Target, candidates
 from .variant import ParamSpec, Variant
