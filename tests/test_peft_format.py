@@ -294,7 +294,8 @@ def test_dora_and_other_features_are_refused_by_field(bases, tmp_path):
     _refused(base, _saved(base, tmp_path / "dora", LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)),
              r"use_dora=True \(lora-lite has no DoRA\)")
     folder = _saved(base, tmp_path / "lora", LoraConfig(r=2, target_modules=["q_proj"]))
-    for fields, match, *error in [({"rank_pattern": {"q_proj": 4}}, "rank_pattern="), ({"bias": "all"}, "bias='all'"),
+    for fields, match, *error in [({"rank_pattern": {r".*q_proj": 4}}, "are regexes"),
+                          ({"alpha_pattern": {"q_pr.j": 4}}, "name no target module"), ({"bias": "all"}, "bias='all'"),
                           ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
                           ({"modules_to_save": ["lm_head"]}, "modules_to_save="),
                           ({"some_future_field": 3}, "some_future_field=3"),

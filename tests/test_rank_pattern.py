@@ -5,7 +5,7 @@ import json
 import pytest
 import tiny
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.other import get_pattern_key
 
 import lora_lite as ll
@@ -92,3 +92,24 @@ def test_a_file_pattern_is_never_run_as_a_regex(tmp_path):
                        edit_config=lambda c: c.update(rank_pattern={r"(a+)+$": 2}))
     fresh = llama()
     tiny.refused(fresh, ValueError, "never run as regexes", ll.load, fresh, bad)
+
+
+@pytest.mark.parametrize("name, form", [("lora", "native"), ("lora", "lora"), ("pissa", "native"),
+                                        ("gralora", "native"), ("singlora", "lora")])
+def test_per_module_ranks_travel_through_peft(name, form, tmp_path):
+    model = llama()
+    ll.attach(model, tiny.cfg_for(name, **PATTERNS))
+    tiny.perturb(model)
+    want = tiny.logits(model, IDS).detach()
+    ll.export_peft(model, tmp_path / "peft", form=form)
+    d = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert d["peft_type"] == "LORA" and d["rank_pattern"]  # per-module r: PEFT's LoRA, by exact path
+    theirs = PeftModel.from_pretrained(llama(), tmp_path / "peft")
+    with torch.no_grad():
+        got = theirs(IDS).logits
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    fresh = llama()
+    ll.load(fresh, tmp_path / "peft")
+    assert torch.allclose(tiny.logits(fresh, IDS), want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    ranks = {n: la.lora_A.shape[0] for n, la in ll.adapted_layers(fresh)}
+    assert ranks["model.layers.0.self_attn.q_proj"] * 2 == ranks["model.layers.0.self_attn.k_proj"]  # r 2 vs 4

@@ -1,20 +1,15 @@
 """A PEFT adapter_config.json read for lora-lite: every field checked, the target modules PEFT would adapt,
-and the lora-lite config it means. Executes nothing."""
+checked. Executes nothing."""
 from __future__ import annotations
 
 import json
 import os
 import re
 
-import torch
 from torch import nn
 
 from .anatomy import candidates
-from .config import AdapterConfig, check_int, check_number
-from .peft_format import CONFIG, FIELDS, HINTS, IGNORED, INTS, SELECTION
-from .variants.delora import DeLoRAConfig
-from .variants.gralora import GraLoRAConfig
-from .variants.lora import LoRAConfig
+from .peft_format import CONFIG, FIELDS, HINTS, IGNORED, SELECTION
 
 
 def read_config(folder: str) -> dict:
@@ -52,7 +47,8 @@ def check_fields(d: dict, where: str) -> None:
         problems.append(f"{init_field}={init!r:.80} (PEFT rewrites the base weight when it loads such an adapter; "
                         f"convert it to a LoRA first, e.g. PiSSA with save_pretrained(..., "
                         f"path_initial_model_for_weight_conversion=...))")
-    known = FIELDS[peft_type].keys() | set(SELECTION) | IGNORED | {init_field}
+    patterns = {"rank_pattern", "alpha_pattern"} if peft_type == "LORA" else set()
+    known = FIELDS[peft_type].keys() | set(SELECTION) | IGNORED | {init_field} | patterns
     for field, value in d.items():
         if field not in known and not _empty(value):
             problems.append(f"{field:.80}={value!r:.80} ({HINTS.get(field, 'lora-lite cannot compute it exactly')})")
@@ -133,29 +129,3 @@ def targets_of(d: dict, root: nn.Module, where: str) -> list[str]:
                          f"layers_to_transform={d.get('layers_to_transform')!r}) matches no linear-like module "
                          f"of this {type(root).__name__}: an adapter for another architecture?")
     return names
-
-
-def lite_config(d: dict, dtype: torch.dtype, names: list[str], where: str) -> AdapterConfig:
-    """The lora-lite config of a checked PEFT config. Its selection is the exact target list, so that
-    `ll.attach(model, cfg)` picks the same modules again."""
-    peft_type = d["peft_type"]
-    f = FIELDS[peft_type] | {k: d[k] for k in FIELDS[peft_type] if k in d}
-    try:
-        for k, v in f.items():
-            if k in INTS:
-                check_int(k, v, INTS[k])
-            elif isinstance(FIELDS[peft_type][k], bool):
-                if not isinstance(v, bool):
-                    raise TypeError(f"{k} must be true or false, got {v!r}")
-            else:
-                check_number(k, v)
-        common = {"r": f["r"], "dtype": dtype, "target_names": tuple(f"^{re.escape(n)}$" for n in names),
-                  "target_roles": (), "exclude_names": ()}
-        if peft_type == "LORA":
-            return LoRAConfig(alpha=f["lora_alpha"], dropout=f["lora_dropout"], use_rslora=f["use_rslora"], **common)
-        if peft_type == "DELORA":
-            return DeLoRAConfig(lambda0=f["delora_lambda"], dropout=f["module_dropout"], **common)
-        return GraLoRAConfig(alpha=f["alpha"], k=f["gralora_k"], hybrid_r=f["hybrid_r"],
-                             dropout=f["gralora_dropout"], **common)
-    except (ValueError, TypeError) as e:
-        raise type(e)(f"{where}: {e}") from None

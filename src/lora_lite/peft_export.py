@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 import math
 import os
 import re
@@ -12,7 +13,7 @@ from torch import nn
 from .adapter_file import replace_atomically, write_atomic
 from .config import AdapterConfig
 from .peft_format import CONFIG, FORMS, KEYS, WEIGHTS, peft_key
-from .state import adapted_layers, lora_tensors, saved_modules
+from .state import adapted_layers, lora_tensors, model_config, saved_modules
 from .variant import ScaledConfig
 from .variants.delora import DeLoRAConfig
 from .variants.gralora import GraLoRAConfig
@@ -24,36 +25,34 @@ def _snapshot(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True).contiguous()
 
 
-def _uniform(values: list, what: str):
-    if len(set(values)) > 1:
-        raise ValueError(f"the adapted layers have different {what} ({sorted(set(values))}): a PEFT config "
-                         f"holds one; export the layers that share it separately")
-    return values[0]
-
-
 def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x  # as PEFT writes them: 16, not 16.0
 
 
+def _lora_alpha(layer: nn.Module, r: int, s: float, fold: bool, rslora: bool) -> float:
+    cfg = layer.lora_config
+    if fold:
+        return r
+    if isinstance(cfg, ScaledConfig):  # PEFT's own rule when it converts PiSSA to rank 2r (keeps alpha for LoRA)
+        return cfg.alpha * (math.sqrt(r / cfg.r) if rslora else r / cfg.r)
+    return s * r
+
+
 def _as_lora(layers, cfg: AdapterConfig, fold: bool) -> tuple[dict, dict]:
-    """Every layer as the LoRA pair its variant's `lora_factors` gives; `fold`: scale into B, lora_alpha = r."""
-    tensors, ranks, scales = {}, [], []
+    """Every layer as the LoRA pair its variant's `lora_factors` gives; `fold`: scale into B, lora_alpha = r.
+    Layers whose r or alpha differ from the most common pair go into rank_pattern / alpha_pattern by exact path."""
+    tensors, pairs = {}, {}
+    rslora = isinstance(cfg, ScaledConfig) and cfg.use_rslora and not fold
     for name, layer in layers:
         A, B, s = layer.lora_variant.lora_factors(layer)
-        ranks.append(A.shape[0])
-        scales.append(float(s))
+        pairs[name] = (A.shape[0], _number(_lora_alpha(layer, A.shape[0], float(s), fold, rslora)))
         tensors[peft_key(name, "lora_A.weight")] = _snapshot(A)
         tensors[peft_key(name, "lora_B.weight")] = _snapshot(B * s if fold else B)
-    r, s = _uniform(ranks, "ranks"), _uniform(scales, "scales")
-    rslora = isinstance(cfg, ScaledConfig) and cfg.use_rslora and not fold
-    if fold:
-        alpha = r
-    elif isinstance(cfg, ScaledConfig):  # PEFT's own rule when it converts PiSSA to rank 2r (keeps alpha for LoRA)
-        alpha = cfg.alpha * (math.sqrt(r / cfg.r) if rslora else r / cfg.r)
-    else:
-        alpha = s * r
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": _number(alpha), "use_rslora": rslora, "lora_dropout": cfg.dropout,
-              "init_lora_weights": True}
+    r, alpha = Counter(pairs.values()).most_common(1)[0][0]
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rslora, "lora_dropout": cfg.dropout,
+              "init_lora_weights": True,
+              "rank_pattern": {n: p[0] for n, p in pairs.items() if p[0] != r},
+              "alpha_pattern": {n: p[1] for n, p in pairs.items() if p[1] != alpha}}
     return config, tensors
 
 
@@ -64,6 +63,8 @@ def _renamed(layers, peft_type: str) -> dict[str, torch.Tensor]:
 
 
 def _native(layers, cfg: AdapterConfig) -> tuple[dict, dict]:
+    if any(layer.lora_config != cfg for _, layer in layers):  # per-module r / alpha: PEFT's LoRA carries them
+        return _as_lora(layers, cfg, fold=False)
     conv1d = any(is_conv1d(layer) for _, layer in layers)
     if isinstance(cfg, DeLoRAConfig) and not conv1d:  # PEFT 0.21's DeLoRA refuses Conv1D: LoRA form then
         config = {"peft_type": "DELORA", "r": cfg.r, "delora_lambda": _number(cfg.lambda0), "module_dropout": cfg.dropout,
@@ -103,10 +104,9 @@ def export_peft(model: nn.Module, folder: str | os.PathLike, form: str = "native
     layers = adapted_layers(root)
     if not layers:
         raise ValueError("nothing to export: no adapter is attached to this model")
-    cfg = layers[0][1].lora_config
-    if saved_modules(root) or any(layer.lora_config != cfg for _, layer in layers):
-        raise ValueError("export_peft does not yet write modules_to_save or per-module ranks / alphas "
-                         "(rank_pattern, alpha_pattern): save with ll.save, which keeps them")
+    cfg = model_config(root)
+    if saved_modules(root):
+        raise ValueError("export_peft does not yet write modules_to_save: save with ll.save, which keeps them")
     with torch.no_grad():
         config, tensors = _native(layers, cfg) if form == "native" else _as_lora(layers, cfg, fold=True)
     config |= {"target_modules": _target_modules(root, [n for n, _ in layers]), "bias": "none",

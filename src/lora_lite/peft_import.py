@@ -1,16 +1,21 @@
-"""`read_peft`: a PEFT adapter folder as the (config, target names, tensors) that `ll.load` attaches.
+"""`read_peft`: a PEFT adapter folder as the (config, target names, tensors) that `ll.load` attaches, the
+config being the lora-lite one PEFT's means (per-module r and alpha as exact paths).
 Only JSON and safetensors are opened: never a pickle (`adapter_model.bin`)."""
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 from torch import nn
 
 from .adapter_file import listing, open_safetensors
-from .config import DTYPES, AdapterConfig
-from .peft_config import check_fields, check_selection, lite_config, read_config, targets_of
-from .peft_format import CONFIG, KEYS, PREFIX, WEIGHTS
+from .config import DTYPES, PLAIN, AdapterConfig, check_int, check_number, pattern_key
+from .peft_config import check_fields, check_selection, read_config, targets_of
+from .peft_format import CONFIG, FIELDS, INTS, KEYS, PREFIX, WEIGHTS
+from .variants.delora import DeLoRAConfig
+from .variants.gralora import GraLoRAConfig
+from .variants.lora import LoRAConfig
 from .wrappers import unwrap
 
 
@@ -54,6 +59,52 @@ def _dtype(tensors: dict[str, torch.Tensor], where: str) -> torch.dtype:
         raise ValueError(f"{where}: the lora_A tensors must share one float dtype of {sorted(DTYPES)}, "
                          f"got {sorted(map(str, dtypes))}")
     return next(iter(dtypes))
+
+
+def _per_module(d: dict, names: list[str]) -> dict[str, dict]:
+    """PEFT's rank_pattern / alpha_pattern as the exact paths they give a value (PEFT's key rule); a regex key
+    is refused: nothing read from a file is run as a regex."""
+    out = {}
+    for field in ("rank_pattern", "alpha_pattern"):
+        pattern = d.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise TypeError(f"{field} must be an object, got {pattern!r:.80}")
+        regex = [k for k in pattern if not PLAIN.fullmatch(k)]
+        if regex:
+            raise ValueError(f"{field} keys {regex[:5]} are regexes, which lora-lite never runs from a file: "
+                             f"list module names or paths")
+        out[field] = {n: pattern[k] for n in names if (k := pattern_key(pattern, n)) is not None}
+        unused = [k for k in pattern if not any(pattern_key([k], n) for n in names)]
+        if unused:  # PEFT would skip them too; as a regex ("." matches any character) one might not be unused
+            raise ValueError(f"{field} keys {unused[:5]} name no target module of this adapter")
+    return out
+
+
+def lite_config(d: dict, dtype: torch.dtype, names: list[str], where: str) -> AdapterConfig:
+    """The lora-lite config of a checked PEFT config. Its selection is the exact target list, so that
+    `ll.attach(model, cfg)` picks the same modules again."""
+    peft_type = d["peft_type"]
+    f = FIELDS[peft_type] | {k: d[k] for k in FIELDS[peft_type] if k in d}
+    try:
+        for k, v in f.items():
+            if k in INTS:
+                check_int(k, v, INTS[k])
+            elif isinstance(FIELDS[peft_type][k], bool):
+                if not isinstance(v, bool):
+                    raise TypeError(f"{k} must be true or false, got {v!r}")
+            else:
+                check_number(k, v)
+        common = {"r": f["r"], "dtype": dtype, "target_names": tuple(f"^{re.escape(n)}$" for n in names),
+                  "target_roles": (), "exclude_names": ()}
+        if peft_type == "LORA":
+            return LoRAConfig(alpha=f["lora_alpha"], dropout=f["lora_dropout"], use_rslora=f["use_rslora"], **common,
+                              **_per_module(d, names))
+        if peft_type == "DELORA":
+            return DeLoRAConfig(lambda0=f["delora_lambda"], dropout=f["module_dropout"], **common)
+        return GraLoRAConfig(alpha=f["alpha"], k=f["gralora_k"], hybrid_r=f["hybrid_r"],
+                             dropout=f["gralora_dropout"], **common)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{where}: {e}") from None
 
 
 def read_peft(path: str | os.PathLike, model: nn.Module) -> tuple[AdapterConfig, list[str], dict[str, torch.Tensor]]:
