@@ -4,6 +4,7 @@ import pytest
 import tiny
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
 from tiny import vit
 
 import lora_lite as ll
@@ -119,14 +120,13 @@ def test_file_values_of_the_module_are_checked(tmp_path):
     tiny.refused(fresh, ValueError, "missing modules_to_save keys: classifier.bias", ll.load, fresh, gone)
 
 
-def test_swap_carries_module_values_and_export_refuses(tmp_path):
+def test_swap_carries_module_values(tmp_path):
     donor = save_head(tmp_path)
     model = vit()
     ll.attach(model, ll.LoRAConfig(r=4, modules_to_save=("classifier",)))
     weight = model.classifier.weight
     ll.swap(model, tmp_path / "a.safetensors")
     assert model.classifier.weight is weight and torch.equal(weight, donor.classifier.weight)
-    tiny.refused(model, ValueError, "modules_to_save", ll.export_peft, model, tmp_path / "peft")
 
 
 def test_disabled_gives_the_original_module_and_training_goes_on():
@@ -147,3 +147,31 @@ def test_disabled_gives_the_original_module_and_training_goes_on():
         ll.detach(model)
     with torch.no_grad():
         assert torch.equal(model(pixel_values=PIXELS).logits, base)
+
+
+@pytest.mark.parametrize("form", ["native", "lora"])
+def test_peft_export_carries_the_head(form, tmp_path):
+    model = vit()
+    ll.attach(model, ll.LoRAConfig(r=4, modules_to_save=("classifier",)))
+    train_classifier(model)
+    with torch.no_grad():
+        want = model(pixel_values=PIXELS).logits
+    ll.export_peft(model, tmp_path / "peft", form=form)
+    theirs = PeftModel.from_pretrained(vit(), tmp_path / "peft")
+    fresh = vit()
+    ll.load(fresh, tmp_path / "peft")
+    assert fresh.classifier.weight.requires_grad
+    with torch.no_grad():
+        assert torch.allclose(theirs(pixel_values=PIXELS).logits, want, atol=1e-5)
+        assert torch.allclose(fresh(pixel_values=PIXELS).logits, want, atol=1e-6)
+
+
+def test_a_peft_made_head_imports_exactly(tmp_path):
+    peft = get_peft_model(vit(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]))
+    train_classifier(peft, steps=2)
+    peft.save_pretrained(tmp_path / "peft")
+    peft.eval()
+    fresh = vit()
+    ll.load(fresh, tmp_path / "peft")
+    with torch.no_grad():
+        assert torch.allclose(fresh(pixel_values=PIXELS).logits, peft(pixel_values=PIXELS).logits, atol=1e-6)

@@ -297,7 +297,7 @@ def test_dora_and_other_features_are_refused_by_field(bases, tmp_path):
     for fields, match, *error in [({"rank_pattern": {r".*q_proj": 4}}, "are regexes"),
                           ({"alpha_pattern": {"q_pr.j": 4}}, "name no target module"), ({"bias": "all"}, "bias='all'"),
                           ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
-                          ({"modules_to_save": ["lm_head"]}, "modules_to_save="),
+                          ({"modules_to_save": ["lm_head"]}, "missing modules_to_save keys: lm_head.weight"),
                           ({"some_future_field": 3}, "some_future_field=3"),
                           ({"target_modules": None}, "target_modules is missing"),
                           ({"lora_bias": True}, "lora_bias=True"), ({"r": 0}, r"r must be an int in \[1, "),

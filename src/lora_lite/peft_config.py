@@ -48,7 +48,7 @@ def check_fields(d: dict, where: str) -> None:
                         f"convert it to a LoRA first, e.g. PiSSA with save_pretrained(..., "
                         f"path_initial_model_for_weight_conversion=...))")
     patterns = {"rank_pattern", "alpha_pattern"} if peft_type == "LORA" else set()
-    known = FIELDS[peft_type].keys() | set(SELECTION) | IGNORED | {init_field} | patterns
+    known = FIELDS[peft_type].keys() | set(SELECTION) | IGNORED | {init_field, "modules_to_save"} | patterns
     for field, value in d.items():
         if field not in known and not _empty(value):
             problems.append(f"{field:.80}={value!r:.80} ({HINTS.get(field, 'lora-lite cannot compute it exactly')})")

@@ -105,10 +105,12 @@ def export_peft(model: nn.Module, folder: str | os.PathLike, form: str = "native
     if not layers:
         raise ValueError("nothing to export: no adapter is attached to this model")
     cfg = model_config(root)
-    if saved_modules(root):
-        raise ValueError("export_peft does not yet write modules_to_save: save with ll.save, which keeps them")
     with torch.no_grad():
         config, tensors = _native(layers, cfg) if form == "native" else _as_lora(layers, cfg, fold=True)
+        modules = saved_modules(root)  # PEFT's modules_to_save: by exact path, values under the module's keys
+        tensors |= {peft_key(p, k): _snapshot(v) for p, m in modules.items() for k, v in m.state_dict().items()}
+    if modules:
+        config["modules_to_save"] = list(modules)
     config |= {"target_modules": _target_modules(root, [n for n, _ in layers]), "bias": "none",
                "fan_in_fan_out": any(is_conv1d(layer) for _, layer in layers), "inference_mode": True,
                "base_model_name_or_path": _base_name(root)}

@@ -49,8 +49,7 @@ IGNORED = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model
            "inference_mode", "runtime_config", "megatron_core", "qalora_group_size", "loftq_config", "eva_config",
            "corda_config", "lora_ga_config", "ensure_weight_tying", "lambda_pattern"}
 HINTS = {"use_dora": "lora-lite has no DoRA", "rank_pattern": "per-module ranks import for PEFT's LoRA only",
-         "alpha_pattern": "per-module alphas import for PEFT's LoRA only",
-         "modules_to_save": "PEFT's fully trained extra modules are not imported yet"}
+         "alpha_pattern": "per-module alphas import for PEFT's LoRA only"}
 
 
 

@@ -3,6 +3,7 @@ config being the lora-lite one PEFT's means (per-module r and alpha as exact pat
 Only JSON and safetensors are opened: never a pickle (`adapter_model.bin`)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -107,6 +108,21 @@ def lite_config(d: dict, dtype: torch.dtype, names: list[str], where: str) -> Ad
         raise type(e)(f"{where}: {e}") from None
 
 
+def _saved_modules(d: dict, raw: dict, root: nn.Module, where: str) -> tuple[tuple[str, ...], dict, dict]:
+    """PEFT's modules_to_save: (the module paths its names give, PEFT's rule `path.endswith(name)`, their
+    tensors by full key, the other tensors)."""
+    entries = d.get("modules_to_save") or []
+    if not isinstance(entries, list) or not all(isinstance(e, str) and PLAIN.fullmatch(e) for e in entries):
+        raise ValueError(f"{where}: modules_to_save must be a list of module names, got {entries!r:.120}")
+    paths = tuple(n for n, _ in root.named_modules() if n and any(n == e or n.endswith(f".{e}") for e in entries))
+    missing = [e for e in entries if not any(p == e or p.endswith(f".{e}") for p in paths)]
+    if missing:
+        raise ValueError(f"{where}: modules_to_save {missing} name no module of this {type(root).__name__}")
+    prefixes = tuple(f"{PREFIX}{p}." for p in paths)
+    saved = {k[len(PREFIX):]: v for k, v in raw.items() if k.startswith(prefixes)}
+    return paths, saved, {k: v for k, v in raw.items() if not k.startswith(prefixes)}
+
+
 def read_peft(path: str | os.PathLike, model: nn.Module) -> tuple[AdapterConfig, list[str], dict[str, torch.Tensor]]:
     """Parse a PEFT adapter folder for `model`: (config, target module names, tensors by lora-lite key),
     what `read` returns for a lora-lite file. Executes nothing; opens no pickle."""
@@ -118,5 +134,7 @@ def read_peft(path: str | os.PathLike, model: nn.Module) -> tuple[AdapterConfig,
     check_selection(d, where)
     root = unwrap(model)
     names = targets_of(d, root, where)
-    tensors = _lora_lite_keys(_read_tensors(folder), d["peft_type"], root, os.path.join(folder, WEIGHTS))
-    return lite_config(d, _dtype(tensors, folder), names, where), names, tensors
+    paths, saved, rest = _saved_modules(d, _read_tensors(folder), root, where)
+    tensors = _lora_lite_keys(rest, d["peft_type"], root, os.path.join(folder, WEIGHTS))
+    cfg = dataclasses.replace(lite_config(d, _dtype(tensors, folder), names, where), modules_to_save=paths)
+    return cfg, names, tensors | saved
