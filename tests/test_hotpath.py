@@ -1,14 +1,18 @@
 """The fast path adds the adapter into the layer's output in place (lora.add_low_rank, adapter._hook).
 
 That must be invisible: outputs and gradients equal the dense update's on 2-D, 3-D and 4-D inputs (the
-addmm_, baddbmm_ and out-of-place branches), and a hook that saw the base output first keeps it intact.
+LowRankAdd Function, the no-grad addmm_ and the out-of-place branches), and a hook that saw the base output
+first keeps it intact.
 """
+import itertools
+
 import pytest
 import tiny
 import torch
 import torch.nn.functional as F
 
 import lora_lite as ll
+from lora_lite.low_rank import add_low_rank
 
 
 def adapted(name):
@@ -39,6 +43,31 @@ def test_in_place_add_matches_the_dense_update(variant_name, shape):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("needs", [n for n in itertools.product([False, True], repeat=3) if any(n)])
+def test_low_rank_add_is_one_node_with_the_dense_gradients(needs):
+    g = torch.Generator().manual_seed(6)
+    y, h, B = (torch.randn(shape, generator=g) for shape in ((2, 5, 12), (2, 5, 3), (12, 3)))
+    leaves = [t.requires_grad_(n) for t, n in zip((y, h, B), needs)]
+    out_grad = torch.randn(2, 5, 12, generator=g)
+
+    got = add_low_rank(y.clone(), h, B, 0.5)
+    want = y + 0.5 * h @ B.t()
+    wanted = [t for t in leaves if t.requires_grad]
+
+    assert type(got.grad_fn).__name__ == "LowRankAddBackward"  # one node, not baddbmm's bmm + expand-sum
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, wanted, out_grad), torch.autograd.grad(want, wanted, out_grad)):
+        torch.testing.assert_close(a, b)
+
+
+def test_low_rank_add_without_gradients_writes_into_y():
+    y, h, B = torch.randn(2, 5, 12), torch.randn(2, 5, 3), torch.randn(12, 3)
+    want = y + 0.5 * h @ B.t()
+    out = add_low_rank(y, h, B, 0.5)
+    assert out.data_ptr() == y.data_ptr() and out.grad_fn is None
+    torch.testing.assert_close(out, want)
 
 
 @pytest.mark.parametrize("hybrid_r", [0, 2])

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CONFIGS, AdapterConfig
+from .low_rank import add_low_rank  # noqa: F401  (variants import the shared math from here)
 
 
 @dataclass(frozen=True)
@@ -132,19 +133,3 @@ class ScaledConfig(AdapterConfig):
 
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-
-def add_low_rank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
-    """y + s · h Bᵀ as one fused matmul-add, written into y; h is (..., r), B is (d_out, r).
-
-    The sum goes into y in place: no new (..., d_out) tensor, which on CPU costs more than the
-    low-rank product itself. Autocast does not cast in-place ops, and compilers fuse on their own:
-    those take the out-of-place addmm.
-    """
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(y.device.type) or y.dim() not in (2, 3):
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
-        return out.view(y.shape)
-    h = h.reshape(*y.shape[:-1], h.shape[-1])
-    if y.dim() == 2:
-        return y.addmm_(h, B.t(), alpha=s)
-    return y.baddbmm_(h, B.t().expand(y.shape[0], -1, -1), alpha=s)  # no view of y: autograd stays cheap
