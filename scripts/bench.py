@@ -28,6 +28,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 import bench_floors as floors  # noqa: E402
+import bench_layouts  # noqa: E402
 import bench_measure as measure  # noqa: E402
 import bench_models as models  # noqa: E402
 import bench_profile  # noqa: E402
@@ -182,9 +183,11 @@ def main(argv=None) -> dict:
     base_fns = measure.compiled(models.frozen_base(base), a.compile_backend, ids, "base") if a.compile else None
     results = {name: bench_variant(name, base, ids, a, clock, bytes_per_s, base_fns) for name in a.variants}
     widths = sweep(a, clock, bytes_per_s)
+    layouts = bench_layouts.layouts(a.batch * a.seq, [a.hidden, 3 * a.hidden], a.dtype, a.device, clock,
+                                    3 if a.quick else 31)
     info["load_avg_end"], info["wall_s"] = os.getloadavg(), time.perf_counter() - t0
-    print(report.report(results, widths, info))
-    payload = {"setup": report.setup(a, argv), "machine": info, "results": results, "sweep": widths,
+    print(report.report(results, widths, info, layouts))
+    payload = {"setup": report.setup(a, argv), "machine": info, "results": results, "sweep": widths, "layouts": layouts,
                "targets": [{"target": w, "met": ok, "measured": g} for w, ok, g in report.targets(results)]}
     with open(os.path.join(a.out, "bench.json"), "w") as f:
         json.dump(payload, f, indent=1)

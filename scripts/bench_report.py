@@ -12,10 +12,17 @@ mb = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
 pct = lambda x: f"{100 * x:+.1f}%"  # noqa: E731
 
 
-def overheads(med: dict, floor_s: float, ours: str, ref: str) -> dict:
-    """ours / ref, each over the base, and each overhead in units of the memory floor."""
+def spread(times: dict, ours: str, ref: str) -> tuple[float, float]:
+    """Quartiles of ours / ref taken round by round (each round runs both back to back): the run's noise."""
+    paired = sorted(a / b for a, b in zip(times[ours], times[ref]))
+    return paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
+
+
+def overheads(med: dict, floor_s: float, ours: str, ref: str, times: dict) -> dict:
+    """ours / ref (and its round-by-round quartiles), each over the base, each overhead in memory floors."""
     base = med["base"]
-    return {"ours_over_ref": med[ours] / med[ref], "ours_overhead": med[ours] / base - 1,
+    return {"ours_over_ref": med[ours] / med[ref], "ours_over_ref_q": spread(times, ours, ref),
+            "ours_overhead": med[ours] / base - 1,
             "ref_overhead": med[ref] / base - 1, "ours_over_mem_floor": (med[ours] - base) / floor_s,
             "ref_over_mem_floor": (med[ref] - base) / floor_s}
 
@@ -24,15 +31,17 @@ def ratios(row: dict) -> dict:
     """Ratios of one variant's (or one sweep width's) medians, eager and compiled."""
     med, floor = row["median"], row["floors"]["memory_s"]
     hooked, ref_hooked = ("hooked", "ref_hooked") if "hooked" in med["inference"] else ("ours", "ref")
-    out = {"flop_floor": row["floors"]["flop"], "train": overheads(med["train"], floor["train"], "ours", "ref"),
-           "inference": overheads(med["inference"], floor["inference"], hooked, ref_hooked)}
+    out = {"flop_floor": row["floors"]["flop"],
+           "train": overheads(med["train"], floor["train"], "ours", "ref", row["train_s"]),
+           "inference": overheads(med["inference"], floor["inference"], hooked, ref_hooked, row["inference_s"])}
     if "merged" in med["inference"]:
         out["merged_over_base"] = med["inference"]["merged"] / med["inference"]["base"]
     if "peak_bytes" in row:
         out["peak_ours_over_ref"] = row["peak_bytes"]["ours"] / max(row["peak_bytes"]["ref"], 1)
     if "compiled" in row:
-        c = row["compiled"]["median"]
-        out["compiled"] = {kind: overheads(c[kind], floor[kind], "ours", "ref") for kind in ("train", "inference")}
+        c = row["compiled"]
+        out["compiled"] = {kind: overheads(c["median"][kind], floor[kind], "ours", "ref", c[f"{kind}_s"])
+                           for kind in ("train", "inference")}
     return out
 
 
@@ -43,9 +52,9 @@ def targets(results: dict) -> list[tuple[str, bool, str]]:
         q = r["ratios"]
         limit = 0.60 if name == "singlora" else 0.90
         got = q["train"]["ours_over_ref"]
-        out.append((f"{name} train ours/ref <= {limit}", got <= limit, f"{got:.3f}"))
+        out.append((f"{name} train ours/ref <= {limit}", got <= limit, ratio(q["train"])))
         for kind, c in q.get("compiled", {}).items():
-            out.append((f"{name} compiled {kind} ours <= ref", c["ours_over_ref"] <= 1, f"{c['ours_over_ref']:.3f}"))
+            out.append((f"{name} compiled {kind} ours <= ref", c["ours_over_ref"] <= 1, ratio(c)))
         p = r["peak_bytes"]
         out.append((f"{name} peak memory ours <= ref", p["ours"] <= p["ref"], f"{mb(p['ours'])} vs {mb(p['ref'])} MB"))
         out.append((f"{name} merged/base <= 1.02", q["merged_over_base"] <= 1.02, f"{q['merged_over_base']:.3f}"))
@@ -59,6 +68,12 @@ def targets(results: dict) -> list[tuple[str, bool, str]]:
     return out
 
 
+def ratio(q: dict) -> str:
+    """ours / ref with the quartiles of its round-by-round values."""
+    lo, hi = q["ours_over_ref_q"]
+    return f"{q['ours_over_ref']:.3f} ({lo:.2f}–{hi:.2f})"
+
+
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
@@ -67,12 +82,12 @@ def table(rows: list[list[str]]) -> str:
 
 
 def train_table(results: dict) -> str:
-    rows = [["variant", "base ms", "ours ms", "ref ms", "ours/ref", "ours/base-1", "ref/base-1", "FLOP floor",
+    rows = [["variant", "base ms", "ours ms", "ref ms", "ours/ref (q1–q3)", "ours/base-1", "ref/base-1", "FLOP floor",
              "mem floor ms", "ours/mem floor", "ref/mem floor", "peak MB base/ours/ref"]]
     for name, r in results.items():
         t, q, p = r["median"]["train"], r["ratios"]["train"], r["peak_bytes"]
         rows.append([f"{name} ({r['reference']})", ms(t["base"]), ms(t["ours"]), ms(t["ref"]),
-                     f"{q['ours_over_ref']:.3f}", pct(q["ours_overhead"]), pct(q["ref_overhead"]),
+                     ratio(q), pct(q["ours_overhead"]), pct(q["ref_overhead"]),
                      pct(r["ratios"]["flop_floor"]), ms(r["floors"]["memory_s"]["train"]),
                      f"{q['ours_over_mem_floor']:.2f}x", f"{q['ref_over_mem_floor']:.2f}x",
                      f"{mb(p['base'])} / {mb(p['ours'])} / {mb(p['ref'])}"])
@@ -93,22 +108,22 @@ def inference_table(results: dict) -> str:
 
 
 def compiled_table(results: dict) -> str:
-    rows = [["variant", "kind", "base ms", "ours ms", "ref ms", "ours/ref", "ours/base-1", "ref/base-1",
+    rows = [["variant", "kind", "base ms", "ours ms", "ref ms", "ours/ref (q1–q3)", "ours/base-1", "ref/base-1",
              "ours/mem floor"]]
     for name, r in results.items():
         for kind in ("train", "inference"):
             m, q = r["compiled"]["median"][kind], r["ratios"]["compiled"][kind]
-            rows.append([name, kind, ms(m["base"]), ms(m["ours"]), ms(m["ref"]), f"{q['ours_over_ref']:.3f}",
+            rows.append([name, kind, ms(m["base"]), ms(m["ours"]), ms(m["ref"]), ratio(q),
                          pct(q["ours_overhead"]), pct(q["ref_overhead"]), f"{q['ours_over_mem_floor']:.2f}x"])
     return table(rows)
 
 
 def sweep_table(widths: dict) -> str:
-    rows = [["hidden", "base ms", "ours ms", "ref ms", "ours/ref", "ours/base-1", "FLOP floor", "mem floor ms",
+    rows = [["hidden", "base ms", "ours ms", "ref ms", "ours/ref (q1–q3)", "ours/base-1", "FLOP floor", "mem floor ms",
              "ours/mem floor", "ref/mem floor", "infer ours/base-1", "infer ours/mem floor"]]
     for width, r in widths.items():
         t, q, i = r["median"]["train"], r["ratios"]["train"], r["ratios"]["inference"]
-        rows.append([width, ms(t["base"]), ms(t["ours"]), ms(t["ref"]), f"{q['ours_over_ref']:.3f}",
+        rows.append([width, ms(t["base"]), ms(t["ours"]), ms(t["ref"]), ratio(q),
                      pct(q["ours_overhead"]), pct(r["ratios"]["flop_floor"]), ms(r["floors"]["memory_s"]["train"]),
                      f"{q['ours_over_mem_floor']:.2f}x", f"{q['ref_over_mem_floor']:.2f}x", pct(i["ours_overhead"]),
                      f"{i['ours_over_mem_floor']:.2f}x"])
@@ -127,7 +142,16 @@ def hot_path_table(results: dict) -> str:
     return table(rows)
 
 
-def report(results: dict, widths: dict, info: dict) -> str:
+def layout_table(layouts: list[dict], bytes_per_s: float) -> str:
+    rows = [["d", "r", "rank side left us", "rank side right us", "left/right", "GB/s (faster)", "copy GB/s"]]
+    for x in layouts:
+        left, right = x["rank_left_s"], x["rank_right_s"]
+        rows.append([str(x["d"]), str(x["r"]), f"{1e6 * left:.0f}", f"{1e6 * right:.0f}", f"{left / right:.2f}",
+                     f"{x['bytes_read'] / min(left, right) / 1e9:.1f}", f"{bytes_per_s / 1e9:.1f}"])
+    return table(rows)
+
+
+def report(results: dict, widths: dict, info: dict, layouts: list[dict]) -> str:
     parts = [f"Memory bandwidth (large copy, this process): {info['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s", "",
              "Train step (forward + backward + AdamW), eager, medians:", train_table(results), "",
              "Inference (no-grad forward), eager, medians; attach time:", inference_table(results)]
@@ -136,6 +160,8 @@ def report(results: dict, widths: dict, info: dict) -> str:
     if widths:
         parts += ["", "LoRA width sweep (fixed token count), train step, medians:", sweep_table(widths)]
     parts += ["", "Hot path of one layer (mlp.up_proj of block 0; counts, not times):", hot_path_table(results)]
+    parts += ["", f"Low-rank product M Xᵀ, X ({layouts[0]['tokens']} tokens, d), M (r, d): both layouts, medians "
+              f"(lora_lite.low_rank.RANK_LEFT):", layout_table(layouts, info["bandwidth_bytes_per_s"])]
     if "pissa" in results:
         at = results["pissa"]["median"]["attach"]
         parts += ["", "PiSSA attach: " + ", ".join(f"{k} {ms(v)} ms" for k, v in at.items())]

@@ -45,15 +45,22 @@ def test_in_place_add_matches_the_dense_update(variant_name, shape):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("needs", [n for n in itertools.product([False, True], repeat=3) if any(n)])
-def test_low_rank_add_is_one_node_with_the_dense_gradients(needs):
+GRAD_CASES = [(n, True) for n in itertools.product([False, True], repeat=4) if any(n)] + [
+    ((y, h, False, B), False) for y, h, B in itertools.product([False, True], repeat=3) if y or h or B]
+
+
+@pytest.mark.parametrize(("needs", "with_A"), GRAD_CASES)
+def test_low_rank_add_is_one_node_with_the_dense_gradients(needs, with_A):
+    """needs: which of y, x, A, B require grad; without A, x is h itself."""
     g = torch.Generator().manual_seed(6)
-    y, h, B = (torch.randn(shape, generator=g) for shape in ((2, 5, 12), (2, 5, 3), (12, 3)))
-    leaves = [t.requires_grad_(n) for t, n in zip((y, h, B), needs)]
+    y, x, A, B = (torch.randn(shape, generator=g) for shape in ((2, 5, 12), (2, 5, 7), (3, 7), (12, 3)))
+    if not with_A:
+        x, A = x[..., :3].contiguous(), None
+    leaves = [t.requires_grad_(n) for t, n in zip((y, x, A, B), needs) if t is not None]
     out_grad = torch.randn(2, 5, 12, generator=g)
 
-    got = add_low_rank(y.clone(), h, B, 0.5)
-    want = y + 0.5 * h @ B.t()
+    got = add_low_rank(y.clone(), x, A, B, 0.5)
+    want = y + 0.5 * (x if A is None else x @ A.t()) @ B.t()
     wanted = [t for t in leaves if t.requires_grad]
 
     assert type(got.grad_fn).__name__ == "LowRankAddBackward"  # one node, not baddbmm's bmm + expand-sum
@@ -63,9 +70,9 @@ def test_low_rank_add_is_one_node_with_the_dense_gradients(needs):
 
 
 def test_low_rank_add_without_gradients_writes_into_y():
-    y, h, B = torch.randn(2, 5, 12), torch.randn(2, 5, 3), torch.randn(12, 3)
-    want = y + 0.5 * h @ B.t()
-    out = add_low_rank(y, h, B, 0.5)
+    y, x, A, B = torch.randn(2, 5, 12), torch.randn(2, 5, 7), torch.randn(3, 7), torch.randn(12, 3)
+    want = y + 0.5 * x @ A.t() @ B.t()
+    out = add_low_rank(y, x, A, B, 0.5)
     assert out.data_ptr() == y.data_ptr() and out.grad_fn is None
     torch.testing.assert_close(out, want)
 

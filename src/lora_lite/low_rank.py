@@ -1,50 +1,72 @@
-"""y + s · h Bᵀ written into y: the add every LoRA-shaped variant ends with, and its backward.
+"""y + s · B A x written into y: the low-rank add every LoRA-shaped variant ends with, and its backward.
 
-Eager and training, the add is `LowRankAdd`, an autograd Function: the forward is one in-place `addmm_` on a
-2-D view of y (no new (..., d_out) tensor, which on CPU costs more than the low-rank product itself), and the
-backward is two plain 2-D matmuls over the output gradient g: g B for h and hᵀ g for B. Autograd's own
-in-place `baddbmm_` on the 3-D y costs two `bmm`s over the batch and an expand-sum for B, and an in-place
-write through a view of y costs a `CopySlices` node that copies the gradient; on the bench's Qwen3 the
-Function's train step is about 3% faster than `baddbmm_` (docs/benchmarks.md).
-
-Without gradients the add is the bare `addmm_`. Autocast does not cast in-place ops, and compilers fuse on
-their own: those take the out-of-place `addmm`.
+The two products that reduce over a wide side, h = x Aᵀ and h's gradient g B, are (T, d) @ (d, r) with a small
+r. On this CPU's BLAS, for r ≤ 8 that runs 1.4–3× slower than the same product taken as (r, d) @ (d, T), and
+for r ≥ 16 the other way round (`just bench` prints both layouts per shape: docs/benchmarks.md); autograd's own
+backward of `F.linear` and `baddbmm` cannot choose. So training runs through `LowRankAdd`, an autograd
+Function with its own backward, whose products take the faster layout for their rank: the
+forward is one in-place `addmm_` on a 2-D view of y (no new (..., d_out) tensor, which on CPU costs more than
+the low-rank product itself) and saves x (which the base layer saves anyway), hᵀ, A and B; the backward is
+four plain matmuls. Without gradients the same products run bare. Autocast does not cast in-place ops, and
+compilers fuse on their own: those take an out-of-place `addmm` over the same products.
 """
 from __future__ import annotations
 
 import torch
 
 
+RANK_LEFT = 8  # up to this rank, M Xᵀ is faster with the rank side on the left (measured: just bench)
+
+
+def _times_t(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """M Xᵀ (r, T) for M (r, d) and X (T, d), in the layout that is faster for rank r."""
+    return M @ X.t() if M.shape[0] <= RANK_LEFT else (X @ M.t()).t()
+
+
+def _ht(x2: torch.Tensor, A: torch.Tensor | None) -> torch.Tensor:
+    """hᵀ (r, T) for the rows of x2 (T, d_in): A x2ᵀ, or x2ᵀ itself when x2 is h already (A None)."""
+    return x2.t() if A is None else _times_t(A, x2)
+
+
 class LowRankAdd(torch.autograd.Function):
-    """y += s · h Bᵀ in place; y contiguous (..., d_out), h (..., r), B (d_out, r), s a float."""
+    """y += s · (A x)ᵀ Bᵀ in place: y contiguous (..., d_out), x (..., d_in), A (r, d_in) or None (x is h),
+    B (d_out, r), s a float."""
 
     @staticmethod
-    def forward(ctx, y, h, B, s):
-        ctx.s, ctx.h_shape = s, h.shape
-        h = h.reshape(-1, h.shape[-1])
-        y.view(-1, y.shape[-1]).addmm_(h, B.t(), alpha=s)
+    def forward(ctx, y, x, A, B, s):
+        x2 = x.reshape(-1, x.shape[-1])
+        ht = _ht(x2, A)
+        y.view(-1, y.shape[-1]).addmm_(ht.t(), B.t(), alpha=s)
         ctx.mark_dirty(y)
-        ctx.save_for_backward(h, B)
+        ctx.save_for_backward(x2, None if A is None else ht, A, B)
+        ctx.s, ctx.x_shape = s, x.shape
         return y
 
     @staticmethod
     def backward(ctx, g):
-        h, B = ctx.saved_tensors
+        x2, ht, A, B = ctx.saved_tensors
+        ht = x2.t() if A is None else ht
         g2 = g.reshape(-1, g.shape[-1])
-        grad_h = grad_B = None
-        if ctx.needs_input_grad[1]:
-            grad_h = torch.mm(g2, B).mul_(ctx.s).view(ctx.h_shape)
-        if ctx.needs_input_grad[2]:
-            grad_B = torch.mm(h.t(), g2).t().mul_(ctx.s)  # (r, T) @ (T, d_out): the faster layout on CPU
-        return g, grad_h, grad_B, None
+        grad_x = grad_A = grad_B = None
+        if any(ctx.needs_input_grad[1:3]):
+            grad_ht = _times_t(B.t(), g2).mul_(ctx.s)  # (r, T): s (g B)ᵀ
+        if ctx.needs_input_grad[3]:
+            grad_B = torch.mm(ht, g2).t().mul_(ctx.s)  # s gᵀ h, as (hᵀ g)ᵀ
+        if A is None and ctx.needs_input_grad[1]:
+            grad_x = grad_ht.t().view(ctx.x_shape)
+        if A is not None and ctx.needs_input_grad[2]:
+            grad_A = torch.mm(grad_ht, x2)
+        if A is not None and ctx.needs_input_grad[1]:
+            grad_x = torch.mm(grad_ht.t(), A).view(ctx.x_shape)
+        return g, grad_x, grad_A, grad_B, None
 
 
-def add_low_rank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
-    """y + s · h Bᵀ as one fused matmul-add, written into y (nothing else holds it: the hook sees to that)."""
+def add_low_rank(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor, s: float) -> torch.Tensor:
+    """y + s · B A x, written into y (nothing else holds it: the hook sees to that). A None: x is h = A x."""
     if torch.compiler.is_compiling() or torch.is_autocast_enabled(y.device.type) or not y.is_contiguous():
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
-        return out.view(y.shape)
-    if torch.is_grad_enabled() and (y.requires_grad or h.requires_grad or B.requires_grad):
-        return LowRankAdd.apply(y, h, B, s)
-    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
+        ht = _ht(x.reshape(-1, x.shape[-1]), A)  # the same products as eager: compiled = eager, bit for bit
+        return torch.addmm(y.reshape(-1, y.shape[-1]), ht.t(), B.t(), alpha=s).view(y.shape)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, x, A, B)):
+        return LowRankAdd.apply(y, x, A, B, s)
+    y.view(-1, y.shape[-1]).addmm_(_ht(x.reshape(-1, x.shape[-1]), A).t(), B.t(), alpha=s)
     return y

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 
 from ..config import AdapterConfig, check_number
 from ..variant import ParamSpec, Variant, add_low_rank, dropout, kaiming, register, zeros
@@ -59,8 +58,7 @@ class DeLoRA(Variant):
 
     @staticmethod
     def forward(layer, x, y):
-        h = F.linear(dropout(layer, x), _scaled_A(layer))  # (..., r)
-        return add_low_rank(y, h, layer.lora_B, 1.0)
+        return add_low_rank(y, dropout(layer, x), _scaled_A(layer), layer.lora_B, 1.0)
 
     @staticmethod
     def lora_factors(layer):

@@ -13,7 +13,6 @@ Identity at t=0 is exact: B and B_g start at zero. Checked against PEFT 0.21 `pe
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..config import AdapterConfig, check_int
 from ..variant import ParamSpec, Variant, add_low_rank, dropout, kaiming, register, zeros
@@ -71,7 +70,7 @@ class GraLoRA(Variant):
     @staticmethod
     def forward(layer, x, y):
         At, Bt = lora_factors(layer)
-        return add_low_rank(y, F.linear(dropout(layer, x), At), Bt, scale(layer.lora_config))
+        return add_low_rank(y, dropout(layer, x), At, Bt, scale(layer.lora_config))
 
     @staticmethod
     def lora_factors(layer):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 
 from ..variant import ParamSpec, ScaledConfig, Variant, add_low_rank, dropout, kaiming, register, zeros
 
@@ -35,8 +34,7 @@ class LoRA(Variant):
 
     @staticmethod
     def forward(layer, x, y):
-        h = F.linear(dropout(layer, x), layer.lora_A)  # (..., r)
-        return add_low_rank(y, h, layer.lora_B, layer.lora_config.scale())
+        return add_low_rank(y, dropout(layer, x), layer.lora_A, layer.lora_B, layer.lora_config.scale())
 
     @staticmethod
     def lora_factors(layer):

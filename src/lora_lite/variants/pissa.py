@@ -62,12 +62,11 @@ class PiSSA(Variant):
     @staticmethod
     def forward(layer, x, y):
         A, B, A0, B0 = layer.lora_A, layer.lora_B, layer.lora_A0, layer.lora_B0
+        B2, s = torch.cat([B, B - B0], dim=1), layer.lora_config.scale()
         if (xd := dropout(layer, x)) is x:  # one pass over x and one fused add, as a rank-2r LoRA
-            h = F.linear(x, torch.cat([A - A0, A0]))  # (..., 2r)
-        else:  # dropout hits only the trainable path
-            h0 = F.linear(x, A0)
-            h = torch.cat([F.linear(xd, A) - h0, h0], dim=-1)
-        return add_low_rank(y, h, torch.cat([B, B - B0], dim=1), layer.lora_config.scale())
+            return add_low_rank(y, x, torch.cat([A - A0, A0]), B2, s)
+        h0 = F.linear(x, A0)  # dropout hits only the trainable path
+        return add_low_rank(y, torch.cat([F.linear(xd, A) - h0, h0], dim=-1), None, B2, s)
 
     @staticmethod
     def delta_weight(layer):

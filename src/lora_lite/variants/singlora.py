@@ -12,7 +12,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..config import INT64_MAX, AdapterConfig
 from ..variant import ParamSpec, Variant, add_low_rank, dropout, kaiming, register
@@ -55,11 +54,12 @@ class SingLoRA(Variant):
 
     @staticmethod
     def forward(layer, x, y):
-        A = layer.lora_A  # Aᵀ is copied contiguous below: A's gradient then comes in the fast layout
-        h = F.linear(dropout(layer, x), rows(A, x.shape[-1]).t().contiguous())  # (..., r)
-        if h.requires_grad and "checked" not in layer.lora_state and not torch.compiler.is_compiling():
-            h.register_hook(lambda grad: _check_step(layer))  # once per layer: the first backward, one host sync
-        return add_low_rank(y, h, rows(A, y.shape[-1]) * ramp(layer), layer.lora_config.alpha / layer.lora_config.r)
+        A = layer.lora_A  # Aᵀ is copied contiguous: A's gradient then comes in the fast layout
+        At = rows(A, x.shape[-1]).t().contiguous()  # (r, d_in)
+        if At.requires_grad and "checked" not in layer.lora_state and not torch.compiler.is_compiling():
+            At.register_hook(lambda grad: _check_step(layer))  # once per layer: the first backward, one host sync
+        return add_low_rank(y, dropout(layer, x), At, rows(A, y.shape[-1]) * ramp(layer),
+                            layer.lora_config.alpha / layer.lora_config.r)
 
     @staticmethod
     def lora_factors(layer):  # the current ramp goes into B: the schedule itself does not travel
