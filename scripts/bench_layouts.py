@@ -11,7 +11,7 @@ import statistics
 
 import torch
 
-RANKS = (4, 8, 16, 32)
+RANKS = (4, 8, 12, 16, 32)
 
 
 def layouts(tokens: int, widths: list[int], dtype: str, device: str, clock, repeats: int) -> list[dict]:

@@ -35,7 +35,7 @@ def test_quick_bench_writes_json_and_chart(tmp_path, capsys):
     assert set(data["results"]["pissa"]["attach_s"]) == {"ours_svd", "ours_niter4", "ref_pissa", "ref_pissa_niter_4"}
     assert any(t["target"].startswith("lora train overhead") for t in data["targets"])
     assert sorted(data["sweep"], key=int) == ["32", "64"] and data["machine"]["bandwidth_bytes_per_s"] > 0
-    assert {(x["d"], x["r"]) for x in data["layouts"]} == {(d, r) for d in (64, 192) for r in (4, 8, 16, 32)}
+    assert {(x["d"], x["r"]) for x in data["layouts"]} == {(d, r) for d in (64, 192) for r in (4, 8, 12, 16, 32)}
     assert all(x["rank_left_s"] > 0 and x["rank_right_s"] > 0 for x in data["layouts"])
     out = capsys.readouterr().out
     assert "Train step" in out and "Targets:" in out

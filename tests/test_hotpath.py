@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import lora_lite as ll
+from lora_lite import low_rank
 from lora_lite.low_rank import add_low_rank
 
 
@@ -49,13 +50,15 @@ GRAD_CASES = [(n, True) for n in itertools.product([False, True], repeat=4) if a
     ((y, h, False, B), False) for y, h, B in itertools.product([False, True], repeat=3) if y or h or B]
 
 
+@pytest.mark.parametrize("r", [3, 8], ids=["r3", "r8"])  # either side of low_rank.RANK_LEFT: both layouts
 @pytest.mark.parametrize(("needs", "with_A"), GRAD_CASES)
-def test_low_rank_add_is_one_node_with_the_dense_gradients(needs, with_A):
+def test_low_rank_add_is_one_node_with_the_dense_gradients(needs, with_A, r):
     """needs: which of y, x, A, B require grad; without A, x is h itself."""
+    assert (r in low_rank.RANK_LEFT) == (r == 8)
     g = torch.Generator().manual_seed(6)
-    y, x, A, B = (torch.randn(shape, generator=g) for shape in ((2, 5, 12), (2, 5, 7), (3, 7), (12, 3)))
+    y, x, A, B = (torch.randn(shape, generator=g) for shape in ((2, 5, 12), (2, 5, 9), (r, 9), (12, r)))
     if not with_A:
-        x, A = x[..., :3].contiguous(), None
+        x, A = x[..., :r].contiguous(), None
     leaves = [t.requires_grad_(n) for t, n in zip((y, x, A, B), needs) if t is not None]
     out_grad = torch.randn(2, 5, 12, generator=g)
 
@@ -70,7 +73,7 @@ def test_low_rank_add_is_one_node_with_the_dense_gradients(needs, with_A):
 
 
 def test_low_rank_add_without_gradients_writes_into_y():
-    y, x, A, B = torch.randn(2, 5, 12), torch.randn(2, 5, 7), torch.randn(3, 7), torch.randn(12, 3)
+    y, x, A, B = torch.randn(2, 5, 12), torch.randn(2, 5, 9), torch.randn(8, 9), torch.randn(12, 8)
     want = y + 0.5 * x @ A.t() @ B.t()
     out = add_low_rank(y, x, A, B, 0.5)
     assert out.data_ptr() == y.data_ptr() and out.grad_fn is None

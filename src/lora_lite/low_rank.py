@@ -1,9 +1,9 @@
 """y + s · B A x written into y: the low-rank add every LoRA-shaped variant ends with, and its backward.
 
 The two products that reduce over a wide side, h = x Aᵀ and h's gradient g B, are (T, d) @ (d, r) with a small
-r. On this CPU's BLAS, for r ≤ 8 that runs 1.4–3× slower than the same product taken as (r, d) @ (d, T), and
-for r ≥ 16 the other way round (`just bench` prints both layouts per shape: docs/benchmarks.md); autograd's own
-backward of `F.linear` and `baddbmm` cannot choose. So training runs through `LowRankAdd`, an autograd
+r. On the CPU (oneDNN / MKL) that runs up to 1.6× slower than the same product taken as (r, d) @ (d, T) for
+ranks 5–12, and faster outside that band (`just bench` prints both layouts per shape: docs/benchmarks.md);
+autograd's own backward of `F.linear` cannot choose. So training runs through `LowRankAdd`, an autograd
 Function with its own backward, whose products take the faster layout for their rank: the
 forward is one in-place `addmm_` on a 2-D view of y (no new (..., d_out) tensor, which on CPU costs more than
 the low-rank product itself) and saves x (which the base layer saves anyway), hᵀ, A and B; the backward is
@@ -15,12 +15,14 @@ from __future__ import annotations
 import torch
 
 
-RANK_LEFT = 8  # up to this rank, M Xᵀ is faster with the rank side on the left (measured: just bench)
+RANK_LEFT = range(5, 13)  # CPU ranks where M Xᵀ is faster as (r, d) @ (d, T) (measured: just bench's layout table)
 
 
 def _times_t(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """M Xᵀ (r, T) for M (r, d) and X (T, d), in the layout that is faster for rank r."""
-    return M @ X.t() if M.shape[0] <= RANK_LEFT else (X @ M.t()).t()
+    """M Xᵀ (r, T) for M (r, d) and X (T, d), in the layout that is faster for rank r (elsewhere than on the
+    CPU, BLAS's usual (T, d) @ (d, r), as F.linear takes it)."""
+    left = M.device.type == "cpu" and M.shape[0] in RANK_LEFT
+    return M @ X.t() if left else (X @ M.t()).t()
 
 
 def _ht(x2: torch.Tensor, A: torch.Tensor | None) -> torch.Tensor:
