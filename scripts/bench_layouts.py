@@ -11,6 +11,8 @@ import statistics
 
 import torch
 
+from bench_measure import interleaved
+
 RANKS = (4, 8, 12, 16, 32)
 
 
@@ -22,12 +24,7 @@ def layouts(tokens: int, widths: list[int], dtype: str, device: str, clock, repe
         for r in RANKS:
             M = torch.randn(r, d, generator=g, device=device, dtype=X.dtype)
             runs = {"rank_left": lambda: M @ X.t(), "rank_right": lambda: X @ M.t()}
-            for fn in runs.values():
-                fn()
-            times = {k: [] for k in runs}
-            for _ in range(repeats):
-                for k, fn in runs.items():
-                    times[k].append(clock.time(fn))
+            times = interleaved(runs, repeats, f"layout d={d} r={r}", clock)
             rows.append({"d": d, "r": r, "tokens": tokens, "bytes_read": X.numel() * X.element_size(),
                          **{f"{k}_s": statistics.median(v) for k, v in times.items()}})
     return rows
