@@ -2,9 +2,9 @@
 
 For the MLP's up projection of the first block (d -> 3d, the batch's tokens) of the frozen base, of ours and
 of the reference: the kernels the forward and the backward launch (on the CPU the aten ops that move data
-themselves: views, and composites whose work a child op does, left out; on CUDA the device kernels), the autograd nodes the output hangs from, and the bytes the forward and the
-backward allocate, beside the memory floor's bytes for that layer. What is over the floor is what a faster
-hot path could still remove.
+themselves: views, and composites whose work a child op does, left out; on CUDA the device kernels), the
+autograd nodes the output hangs from, and the bytes the forward and the backward allocate, beside the memory
+floor's bytes for that layer. What is over the floor is what a faster hot path could still remove.
 """
 from __future__ import annotations
 

@@ -119,8 +119,8 @@ def compiled_table(results: dict) -> str:
 
 
 def sweep_table(widths: dict) -> str:
-    rows = [["hidden", "base ms", "ours ms", "ref ms", "ours/ref (q1–q3)", "ours/base-1", "FLOP floor", "mem floor ms",
-             "ours/mem floor", "ref/mem floor", "infer ours/base-1", "infer ours/mem floor"]]
+    rows = [["hidden", "base ms", "ours ms", "ref ms", "ours/ref (q1–q3)", "ours/base-1", "FLOP floor",
+             "mem floor ms", "ours/mem floor", "ref/mem floor", "infer ours/base-1", "infer ours/mem floor"]]
     for width, r in widths.items():
         t, q, i = r["median"]["train"], r["ratios"]["train"], r["ratios"]["inference"]
         rows.append([width, ms(t["base"]), ms(t["ours"]), ms(t["ref"]), ratio(q),

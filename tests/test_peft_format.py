@@ -108,8 +108,7 @@ def test_pca_calibrated_variant_exports_through_its_lora_factors(pca, tmp_path):
     tiny.perturb(model)
     ll.export_peft(model, tmp_path)
     ref = PeftModel.from_pretrained(tiny.TinyLM(), tmp_path)
-    want = ref(ids)  # PEFT takes x Aᵀ and we (A xᵀ)ᵀ: the same sums in another order, on outputs up to ~1e4
-    torch.testing.assert_close(model(ids), want, atol=1e-6 * float(want.abs().max()), rtol=0)
+    torch.testing.assert_close(ref(ids), model(ids), atol=1e-5, rtol=0)
 
 
 def _peft_twin(base, peft_cfg, seed=0):

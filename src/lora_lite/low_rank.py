@@ -65,10 +65,11 @@ class LowRankAdd(torch.autograd.Function):
 
 def add_low_rank(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor, s: float) -> torch.Tensor:
     """y + s · B A x, written into y (nothing else holds it: the hook sees to that). A None: x is h = A x."""
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(y.device.type) or not y.is_contiguous():
-        ht = _ht(x.reshape(-1, x.shape[-1]), A)  # the same products as eager: compiled = eager, bit for bit
-        return torch.addmm(y.reshape(-1, y.shape[-1]), ht.t(), B.t(), alpha=s).view(y.shape)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, x, A, B)):
+    out_of_place = torch.compiler.is_compiling() or torch.is_autocast_enabled(y.device.type) or not y.is_contiguous()
+    if not out_of_place and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, x, A, B)):
         return LowRankAdd.apply(y, x, A, B, s)
-    y.view(-1, y.shape[-1]).addmm_(_ht(x.reshape(-1, x.shape[-1]), A).t(), B.t(), alpha=s)
+    ht = _ht(x.reshape(-1, x.shape[-1]), A)  # the same products as eager, in every branch
+    if out_of_place:
+        return torch.addmm(y.reshape(-1, y.shape[-1]), ht.t(), B.t(), alpha=s).view(y.shape)
+    y.view(-1, y.shape[-1]).addmm_(ht.t(), B.t(), alpha=s)
     return y

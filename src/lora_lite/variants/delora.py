@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from ..config import AdapterConfig, check_number
 from ..variant import ParamSpec, Variant, add_low_rank, dropout, kaiming, register, zeros
 from ..weights import dense_weight

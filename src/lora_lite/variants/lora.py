@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from ..variant import ParamSpec, ScaledConfig, Variant, add_low_rank, dropout, kaiming, register, zeros
 
 

@@ -54,7 +54,7 @@ class SingLoRA(Variant):
 
     @staticmethod
     def forward(layer, x, y):
-        A = layer.lora_A  # Aᵀ is copied contiguous: A's gradient then comes in the fast layout
+        A = layer.lora_A  # Aᵀ copied contiguous (r × d_in, a few KB): the products see LoRA's layout of A
         At = rows(A, x.shape[-1]).t().contiguous()  # (r, d_in)
         if At.requires_grad and "checked" not in layer.lora_state and not torch.compiler.is_compiling():
             At.register_hook(lambda grad: _check_step(layer))  # once per layer: the first backward, one host sync
